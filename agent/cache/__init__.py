@@ -1,0 +1,1 @@
+"""The node's cache: pure layout math, hashing, manifests and the crash-safe store."""

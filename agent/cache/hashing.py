@@ -1,0 +1,183 @@
+"""One-pass multi-digest hashing.
+
+Every byte the agent writes is hashed once, while it is written: the Hub digest (sha256 for LFS
+files, git blob sha1 for the rest) and xxh3-128 for fast re-checks. Hashing runs on a helper thread
+(hashlib and xxhash release the GIL on large buffers) so it overlaps the read and write syscalls.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import xxhash
+
+from agent.errors import DiskFullError
+from agent.plan import HashAlgo
+
+CHUNK = 8 * 1024 * 1024
+_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="hash")
+
+
+def git_blob_header(size: int) -> bytes:
+    return b"blob %d\0" % size
+
+
+@dataclass(frozen=True)
+class Digests:
+    """What one pass over a file produced."""
+
+    algo: HashAlgo
+    digest: str
+    xxh3: str
+    size: int
+
+
+class MultiHasher:
+    """Hub digest + xxh3-128 over one stream. git-sha1 needs the size up front (it is in the header)."""
+
+    def __init__(self, algo: HashAlgo, size: int | None = None, *, hub_digest: bool = True) -> None:
+        self.algo: HashAlgo = algo
+        self.size = 0
+        self._xxh = xxhash.xxh3_128()
+        self._hub: hashlib._Hash | None = None
+        if hub_digest:
+            if algo == "sha256":
+                self._hub = hashlib.sha256()
+            else:
+                if size is None:
+                    raise ValueError("git-sha1 needs the size before the first byte")
+                self._hub = hashlib.sha1(git_blob_header(size))
+
+    def update(self, data: bytes | memoryview) -> None:
+        if self._hub is not None:
+            self._hub.update(data)
+        self._xxh.update(data)
+        self.size += len(data)
+
+    def digests(self) -> Digests:
+        hub = self._hub.hexdigest() if self._hub is not None else ""
+        return Digests(self.algo, hub, self._xxh.hexdigest(), self.size)
+
+
+WriteFn = Callable[[int, memoryview], int]
+
+
+class DigestWriter:
+    """Writes a staged file and hashes it in the same pass; ``finish`` fsyncs and returns digests.
+
+    Hashing of chunk N runs on a helper thread while chunk N is written and chunk N+1 is read by
+    the caller. The caller must not mutate a buffer it passed until the *next* ``write`` returns
+    (double buffering satisfies that). ``write_fn`` is the seam tests use to inject ENOSPC.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        algo: HashAlgo,
+        size: int,
+        *,
+        append: bool = False,
+        write_fn: WriteFn = os.write,
+        fsync: bool = True,
+    ) -> None:
+        self.path = path
+        self._hasher = MultiHasher(algo, size)
+        self._write_fn = write_fn
+        self._fsync = fsync
+        self._pending: Future[None] | None = None
+        flags = os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | (os.O_APPEND if append else os.O_TRUNC)
+        self._fd = os.open(path, flags, 0o644)
+        if append:
+            # Re-hash what a previous attempt left, so the final digest covers the whole file.
+            with open(path, "rb") as f:
+                while chunk := f.read(CHUNK):
+                    self._hasher.update(chunk)
+
+    @property
+    def written(self) -> int:
+        return self._hasher.size
+
+    def write(self, data: bytes | memoryview) -> None:
+        view = memoryview(data)
+        if self._pending is not None:
+            self._pending.result()
+        self._pending = _pool.submit(self._hasher.update, view)
+        try:
+            while view:
+                n = self._write_fn(self._fd, view)
+                view = view[n:]
+        except OSError as e:
+            self._pending.result()
+            self._pending = None
+            if e.errno == 28:  # ENOSPC
+                raise DiskFullError(f"disk full while writing {self.path}") from e
+            raise
+
+    def finish(self) -> Digests:
+        try:
+            if self._pending is not None:
+                self._pending.result()
+                self._pending = None
+            if self._fsync:
+                os.fsync(self._fd)
+        except OSError as e:
+            if e.errno == 28:
+                raise DiskFullError(f"disk full while syncing {self.path}") from e
+            raise
+        finally:
+            self.close()
+        return self._hasher.digests()
+
+    def close(self) -> None:
+        if self._pending is not None:
+            try:
+                self._pending.result()
+            finally:
+                self._pending = None
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+def copy_into(src: Path, writer: DigestWriter, on_bytes: Callable[[int], None] | None = None) -> None:
+    """Copy a file into a DigestWriter with one read pass and double-buffered reads."""
+    bufs = (bytearray(CHUNK), bytearray(CHUNK))
+    i = 0
+    fd = os.open(src, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        if hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+        while True:
+            buf = bufs[i]
+            n = os.readv(fd, [buf])
+            if n == 0:
+                break
+            writer.write(memoryview(buf)[:n])
+            if on_bytes is not None:
+                on_bytes(n)
+            i ^= 1
+    finally:
+        os.close(fd)
+
+
+def hash_file(
+    path: Path, algo: HashAlgo, *, hub_digest: bool = True, size: int | None = None,
+    on_bytes: Callable[[int], None] | None = None,
+) -> Digests:
+    """Read a file once and return its digests (xxh3 only when ``hub_digest`` is False)."""
+    if size is None:
+        size = os.stat(path).st_size
+    hasher = MultiHasher(algo, size, hub_digest=hub_digest)
+    buf = bytearray(CHUNK)
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buf):
+            hasher.update(view[:n])
+            if on_bytes is not None:
+                on_bytes(n)
+    return hasher.digests()
