@@ -469,6 +469,10 @@ class Fill:
         rmtree_quiet(trash)
         if self.store.fsync:
             fsync_dir(dest.parent)
+        trees_json = plan.extras.get("trees_json")
+        if isinstance(trees_json, str):  # hub source: lets huggingface_hub 2.x treat the snapshot as complete
+            write_text_atomic(lay.trees_path(plan.repo, plan.commit), trees_json, lay.staging_dir(plan.repo),
+                              fsync=self.store.fsync)
         if plan.ref:
             write_text_atomic(lay.ref_path(plan.repo, plan.ref), plan.commit, lay.staging_dir(plan.repo),
                               fsync=self.store.fsync)

@@ -56,6 +56,20 @@ class Source(Protocol):
 
 
 @dataclass(frozen=True)
+class SourceSettings:
+    """Everything sources need from configuration, read once by ``agent.config`` (no env reads here)."""
+
+    hf_endpoint: str | None = None  # HF_ENDPOINT (a mirror); None means huggingface.co
+    hf_token: str | None = None  # already read from --token-file / HF_TOKEN / mounted Secret; never logged
+    mx_address: str | None = None  # MX_SERVER_ADDRESS or MODEL_EXPRESS_URL when --source modelexpress has no ADDR
+    mx_token_file: str | None = "/var/run/secrets/tokens/modelexpress"  # projected SA token, re-read on rotation
+    timeout: float = 30.0  # seconds without progress before a connection counts as dead
+    retries: int = 5  # attempts for transient errors
+    backoff: tuple[float, ...] = (0.5, 1.0, 2.0, 4.0, 8.0)  # seconds between attempts (jitter added)
+    max_workers: int = 4  # files fetched at once
+
+
+@dataclass(frozen=True)
 class SourceRef:
     """A parsed ``--source`` value: 'pvc:PATH', 'hub', 'modelexpress[:ADDR]'."""
 
