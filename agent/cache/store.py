@@ -296,6 +296,10 @@ class Fill:
 
     # which files need bytes
 
+    def done_paths(self) -> set[str]:
+        with self._mu:
+            return set(self._done)
+
     def needed(self) -> list[FileEntry]:
         """Entries without a usable blob already on disk (revisions and re-fills share blobs)."""
         reusable = self._reusable_blobs()

@@ -1,0 +1,154 @@
+"""Fill one model: try sources in preference order, verify, publish. Used by ``fill`` and the loop.
+
+The store does the byte-level checks; this module owns the policy: which source next, when a
+digest from a more trusted source applies, when to retry a file from scratch, when to give up.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+
+import structlog
+
+from agent.cache.manifest import Manifest
+from agent.cache.store import Fill, Store
+from agent.errors import AgentError, DiskFullError, IntegrityError, SourceError, UnsafePathError
+from agent.plan import FileEntry, ModelPlan
+from agent.sources.base import NullProgress, Progress, Source
+from agent.spec import FileFilter
+
+log = structlog.get_logger("agent.fill")
+METADATA_KINDS = ("pvc", "hub")  # sources whose digests we trust (blob names, Hub tree API)
+
+
+@dataclass(frozen=True)
+class FillResult:
+    manifest: Manifest
+    source: str
+    fetched_files: int
+    fetched_bytes: int
+    seconds: float
+
+
+class FillFailed(AgentError):
+    """Every source failed; ``attempts`` lists (source label, error) in order."""
+
+    def __init__(self, repo: str, revision: str, attempts: list[tuple[str, AgentError]]) -> None:
+        detail = "; ".join(f"{label}: {err}" for label, err in attempts) or "no source configured"
+        super().__init__(f"{repo}@{revision}: all sources failed: {detail}")
+        self.attempts = attempts
+        last = attempts[-1][1] if attempts else None
+        self.permanent = all(getattr(e, "permanent", True) for _, e in attempts)
+        self.reason = getattr(last, "reason", "error") if last else "no_source"
+
+
+def enrich_digests(plan: ModelPlan, others: Sequence[Source], files: FileFilter) -> ModelPlan:
+    """Fill in expected digests from a more trusted source for a plan that lacks them.
+
+    Only entries whose path and size match get a digest, so a disagreeing source cannot make a
+    good file fail; when a trusted digest does apply, a wrong byte from the streaming source will.
+    """
+    if all(f.trusted for f in plan.files):
+        return plan
+    for other in others:
+        if other.kind not in METADATA_KINDS:
+            continue
+        try:
+            ref_plan = other.resolve(plan.repo, plan.commit, files)
+        except AgentError as e:
+            log.debug("fill.enrich_skipped", source=other.label, error=str(e))
+            continue
+        known = {f.path: f for f in ref_plan.files if f.trusted}
+        new_files: list[FileEntry] = []
+        for f in plan.files:
+            k = known.get(f.path)
+            new_files.append(replace(f, algo=k.algo, digest=k.digest) if (not f.trusted and k and k.size == f.size) else f)
+        plan = replace(plan, files=tuple(new_files))
+        if all(f.trusted for f in plan.files):
+            break
+    return plan
+
+
+def fill_model(
+    store: Store,
+    sources: Sequence[Source],
+    repo: str,
+    revision: str,
+    files: FileFilter | None = None,
+    *,
+    pin: str | None = None,
+    progress: Progress | None = None,
+    lock_timeout: float | None = None,
+    stop: threading.Event | None = None,
+) -> FillResult:
+    """Fill ``repo`` at ``revision`` from the first source that can deliver it.
+
+    ``pin`` forces the commit (cluster-wide pin) while ``revision`` stays the ref name written.
+    """
+    files = files or FileFilter()
+    progress = progress or NullProgress()
+    attempts: list[tuple[str, AgentError]] = []
+    for i, src in enumerate(sources):
+        if stop is not None and stop.is_set():
+            break
+        blog = log.bind(repo=repo, revision=revision, source=src.label)
+        try:
+            plan = src.resolve(repo, pin or revision, files)
+            if pin and revision != pin:
+                plan = replace(plan, ref=revision)
+            plan = enrich_digests(plan, [s for j, s in enumerate(sources) if j != i], files)
+            return _fill_from(store, src, plan, progress, lock_timeout, blog)
+        except DiskFullError:
+            raise
+        except (SourceError, IntegrityError, UnsafePathError) as e:
+            blog.warning("fill.source_failed", error=str(e), attempt=f"{i + 1}/{len(sources)}")
+            attempts.append((src.label, e))
+    raise FillFailed(repo, revision, attempts)
+
+
+def _fill_from(
+    store: Store, src: Source, plan: ModelPlan, progress: Progress, lock_timeout: float | None,
+    blog: structlog.stdlib.BoundLogger,
+) -> FillResult:
+    t0 = time.monotonic()
+    with store.lock(plan.repo, timeout=lock_timeout):
+        store.sweep_staging(plan.repo)
+        fill = store.begin(plan)
+        needed = fill.needed()
+        total = sum(e.size for e in needed)
+        blog.info("fill.start", commit=plan.commit, files=len(plan.files), needed_files=len(needed),
+                  needed_bytes=total, verification=plan.level)
+        try:
+            fill.check_space(needed)
+            progress.start(total, len(needed))
+            _fetch_with_one_retry(src, plan, needed, fill, progress, blog)
+            manifest = fill.publish()
+        except DiskFullError:
+            fill.abort()
+            raise
+        except BaseException as e:
+            # keep resumable partial files unless the bytes themselves were bad
+            fill.abort(keep_partials=not isinstance(e, IntegrityError | UnsafePathError))
+            raise
+        finally:
+            progress.close()
+    secs = time.monotonic() - t0
+    blog.info("fill.done", commit=plan.commit, files=len(needed), bytes=total, seconds=round(secs, 3),
+              verification=manifest.level)
+    return FillResult(manifest, src.label, len(needed), total, secs)
+
+
+def _fetch_with_one_retry(
+    src: Source, plan: ModelPlan, needed: list[FileEntry], fill: Fill, progress: Progress,
+    blog: structlog.stdlib.BoundLogger,
+) -> None:
+    """A file that fails its digest is fetched once more from scratch; a second failure is final."""
+    try:
+        src.fetch(plan, needed, fill, progress)
+    except IntegrityError as e:
+        blog.warning("fill.integrity_retry", file=e.path, error=str(e))
+        done = fill.done_paths()
+        src.fetch(plan, [f for f in needed if f.path not in done], fill, progress)
