@@ -65,7 +65,8 @@ def enrich_digests(plan: ModelPlan, others: Sequence[Source], files: FileFilter)
         new_files: list[FileEntry] = []
         for f in plan.files:
             k = known.get(f.path)
-            new_files.append(replace(f, algo=k.algo, digest=k.digest) if (not f.trusted and k and k.size == f.size) else f)
+            usable = k is not None and not f.trusted and k.size == f.size
+            new_files.append(replace(f, algo=k.algo, digest=k.digest) if usable and k else f)
         plan = replace(plan, files=tuple(new_files))
         if all(f.trusted for f in plan.files):
             break

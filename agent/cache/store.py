@@ -27,7 +27,7 @@ from agent.cache.fsutil import (
     rmtree_quiet,
     write_text_atomic,
 )
-from agent.cache.hashing import DigestWriter, Digests, WriteFn, hash_file
+from agent.cache.hashing import Digests, DigestWriter, WriteFn, hash_file
 from agent.cache.layout import CacheLayout, blob_link_target, repo_from_folder_name, safe_relpath
 from agent.cache.manifest import Manifest, ManifestFile, load_manifest, write_json_atomic
 from agent.errors import DiskFullError, IntegrityError, LockedError
@@ -416,7 +416,9 @@ class Fill:
             self._done[entry.path] = mf
         return mf
 
-    def write_stream(self, entry: FileEntry, chunks: Iterator[bytes], *, on_bytes: Callable[[int], None] | None = None) -> ManifestFile:
+    def write_stream(
+        self, entry: FileEntry, chunks: Iterator[bytes], *, on_bytes: Callable[[int], None] | None = None
+    ) -> ManifestFile:
         """Convenience for sources with a chunk iterator: write, fsync, verify, publish the blob."""
         w = self.open(entry)
         try:
