@@ -133,7 +133,5 @@ def coverage_table(
     all_models = set(models)
     for states in per_node.values():
         all_models.update(states)
-    rows = [
-        (model, {node: per_node[node].get(model) == READY for node in node_names}) for model in sorted(all_models)
-    ]
+    rows = [(model, {node: per_node[node].get(model) == READY for node in node_names}) for model in sorted(all_models)]
     return node_names, rows

@@ -1,0 +1,670 @@
+"""A small Kubernetes API server on 127.0.0.1 for tests, with faults as features.
+
+Why our own and not ``kmock.KubernetesEmulator``: kmock 0.8 serves lists with a fixed
+``resourceVersion: '...'``, replays every object as ADDED on each watch whatever the requested
+resourceVersion, has no bookmarks, no 410 Gone, no optimistic concurrency (409 on a stale
+``metadata.resourceVersion``) and no status subresource: exactly the behaviours the agent's
+Kubernetes layer must be tested against.
+
+What this one does, over plain HTTP, for the official ``kubernetes`` client:
+
+- core ``nodes`` and ``events`` (namespaced), ``events.k8s.io/v1`` events, and the cluster-scoped
+  ``modelcache.dev/v1alpha1`` ``cachedmodels`` with a ``status`` subresource (more via ``add_resource``);
+- list / get / create / replace / delete / patch (merge-patch; strategic-merge is treated as a merge
+  patch, which is exact for the labels/annotations/status maps the agent touches);
+- one etcd-like global resourceVersion; ``metadata.generation`` bumped on spec changes;
+- 409 Conflict when a write carries a stale ``metadata.resourceVersion``;
+- watch from a resourceVersion (history replay), ``allowWatchBookmarks``, ``timeoutSeconds``,
+  and a 410 Expired ERROR event when the version has been compacted away (bounded history);
+- faults: ``fail_next`` (N requests matching method + path regex -> any status, optional
+  Retry-After), ``drop_watches``, ``outage`` (connection refused or 503 for T seconds);
+- a request log and per-node label history for assertions.
+
+The server runs its own asyncio loop in a daemon thread; every public method is thread-safe and
+synchronous, so tests and the agent's sync client code need no asyncio.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import json
+import re
+import threading
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from aiohttp import web
+
+Key = tuple[str, str]  # (api group, plural)
+ObjKey = tuple[str, str, str | None, str]  # (group, plural, namespace, name)
+
+CORE_PATH = re.compile(
+    r"^/api/v1/(?:namespaces/(?P<ns>[^/]+)/)?(?P<plural>[a-z0-9]+)(?:/(?P<name>[^/]+))?(?:/(?P<sub>[a-z]+))?$"
+)
+GROUP_PATH = re.compile(
+    r"^/apis/(?P<group>[^/]+)/(?P<version>[^/]+)/(?:namespaces/(?P<ns>[^/]+)/)?"
+    r"(?P<plural>[a-z0-9]+)(?:/(?P<name>[^/]+))?(?:/(?P<sub>[a-z]+))?$"
+)
+
+
+@dataclass
+class Resource:
+    group: str
+    version: str
+    plural: str
+    kind: str
+    namespaced: bool
+    status_subresource: bool = False
+
+    @property
+    def api_version(self) -> str:
+        return f"{self.group}/{self.version}" if self.group else self.version
+
+
+@dataclass
+class RequestRecord:
+    """One request as the server saw it, for assertions (``body`` is parsed JSON when it was JSON)."""
+
+    at: float
+    method: str
+    path: str
+    query: dict[str, str]
+    content_type: str
+    body: Any
+    status: int = 0
+
+
+@dataclass
+class _Fault:
+    method: str
+    path: re.Pattern[str]
+    status: int
+    remaining: int
+    retry_after: str | None
+    message: str
+
+
+@dataclass
+class _Watcher:
+    key: Key
+    namespace: str | None
+    queue: asyncio.Queue[dict[str, Any] | None]
+    transport: Any = None
+
+
+@dataclass
+class _History:
+    events: deque[tuple[int, dict[str, Any]]] = field(default_factory=deque)
+    compacted: int = 0  # highest resourceVersion no longer replayable
+
+
+def merge_patch(target: Any, patch: Any) -> Any:
+    """RFC 7386 JSON merge patch (None deletes a key)."""
+    if not isinstance(patch, dict):
+        return copy.deepcopy(patch)
+    result = dict(target) if isinstance(target, dict) else {}
+    for k, v in patch.items():
+        if v is None:
+            result.pop(k, None)
+        else:
+            result[k] = merge_patch(result.get(k), v)
+    return result
+
+
+class ApiError(Exception):
+    def __init__(self, code: int, reason: str, message: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.code, self.reason, self.message, self.headers = code, reason, message, headers or {}
+
+
+def _without_rv(obj: dict[str, Any]) -> dict[str, Any]:
+    meta = {k: v for k, v in obj.get("metadata", {}).items() if k != "resourceVersion"}
+    return {**obj, "metadata": meta}
+
+
+def _status(code: int, reason: str, message: str) -> dict[str, Any]:
+    return {
+        "kind": "Status",
+        "apiVersion": "v1",
+        "metadata": {},
+        "status": "Failure",
+        "message": message,
+        "reason": reason,
+        "code": code,
+    }
+
+
+class KubeEmulator:
+    """Start with ``KubeEmulator().start()`` (or as a context manager); ``url`` is the API host."""
+
+    def __init__(self, *, history: int = 200, bookmark_interval: float = 1.0, port: int = 0) -> None:
+        self.history_limit = history
+        self.bookmark_interval = bookmark_interval
+        self._port = port
+        self._lock = threading.RLock()
+        self._rv = 0
+        self._objects: dict[ObjKey, dict[str, Any]] = {}
+        self._history: dict[Key, _History] = {}
+        self._watchers: list[_Watcher] = []
+        self._faults: list[_Fault] = []
+        self._outage_until = 0.0
+        self._outage_mode = "503"
+        self.requests: list[RequestRecord] = []
+        self.label_history: dict[str, list[tuple[float, dict[str, str]]]] = {}
+        self.resources: dict[Key, Resource] = {}
+        for res in (
+            Resource("", "v1", "nodes", "Node", False, True),
+            Resource("", "v1", "events", "Event", True),
+            Resource("events.k8s.io", "v1", "events", "Event", True),
+            Resource("modelcache.dev", "v1alpha1", "cachedmodels", "CachedModel", False, True),
+        ):
+            self.add_resource(res)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._runner: web.AppRunner | None = None
+        self._site: web.TCPSite | None = None
+
+    # ---- lifecycle -------------------------------------------------------------------------
+    def add_resource(self, res: Resource) -> None:
+        self.resources[(res.group, res.plural)] = res
+        self._history.setdefault((res.group, res.plural), _History())
+
+    def start(self) -> KubeEmulator:
+        ready = threading.Event()
+
+        def run() -> None:
+            loop = asyncio.new_event_loop()
+            self._loop = loop
+            asyncio.set_event_loop(loop)
+            loop.run_until_complete(self._astart())
+            ready.set()
+            loop.run_forever()
+            loop.run_until_complete(self._astop())
+            loop.close()
+
+        self._thread = threading.Thread(target=run, name="kube-emulator", daemon=True)
+        self._thread.start()
+        if not ready.wait(10):
+            raise RuntimeError("kube emulator did not start")
+        return self
+
+    async def _astart(self) -> None:
+        app = web.Application(client_max_size=16 * 1024 * 1024)
+        app.router.add_route("*", "/{tail:.*}", self._handle)
+        self._runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=0.5)
+        await self._runner.setup()
+        await self._listen()
+
+    async def _listen(self) -> None:
+        assert self._runner is not None
+        self._site = web.TCPSite(self._runner, "127.0.0.1", self._port, reuse_address=True)
+        await self._site.start()
+        if not self._port:
+            server = self._site._server
+            assert server is not None
+            self._port = server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+
+    async def _astop(self) -> None:
+        self._close_watchers(abrupt=True)
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    def stop(self) -> None:
+        if self._loop is not None and self._thread is not None:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(10)
+            self._loop = None
+
+    def __enter__(self) -> KubeEmulator:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    @property
+    def port(self) -> int:
+        return self._port
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self._port}"
+
+    def _call(self, fn: Callable[[], Any]) -> Any:
+        """Run ``fn`` on the server loop and wait (for operations that touch aiohttp objects)."""
+        assert self._loop is not None
+
+        async def wrap() -> Any:
+            result = fn()
+            if asyncio.iscoroutine(result):
+                result = await result
+            return result
+
+        return asyncio.run_coroutine_threadsafe(wrap(), self._loop).result(10)
+
+    # ---- faults ------------------------------------------------------------------------------
+    def fail_next(
+        self,
+        method: str,
+        path: str,
+        status: int,
+        count: int = 1,
+        *,
+        retry_after: float | str | None = None,
+        message: str = "injected fault",
+    ) -> None:
+        """The next ``count`` requests whose method and path (regex, ``search``) match get ``status``."""
+        ra = None if retry_after is None else str(retry_after)
+        with self._lock:
+            self._faults.append(_Fault(method.upper(), re.compile(path), status, count, ra, message))
+
+    def clear_faults(self) -> None:
+        with self._lock:
+            self._faults.clear()
+            self._outage_until = 0.0
+
+    def drop_watches(self, *, abrupt: bool = True) -> int:
+        """Cut every open watch: abrupt closes the TCP connection mid-stream, else ends the stream cleanly."""
+        return int(self._call(lambda: self._close_watchers(abrupt=abrupt)))
+
+    def _close_watchers(self, *, abrupt: bool) -> int:
+        watchers, self._watchers = self._watchers, []
+        for w in watchers:
+            if abrupt and w.transport is not None:
+                w.transport.close()
+            w.queue.put_nowait(None)
+        return len(watchers)
+
+    def outage(self, seconds: float, *, mode: str = "refuse") -> None:
+        """Make the API unreachable for ``seconds``: 'refuse' closes the port, '503' answers every request 503.
+
+        Open watches are cut either way, as when an API server restarts.
+        """
+        if mode not in ("refuse", "503"):
+            raise ValueError(mode)
+        with self._lock:
+            self._outage_until = time.monotonic() + seconds
+            self._outage_mode = mode
+
+        async def begin() -> None:
+            self._close_watchers(abrupt=True)
+            if mode == "refuse" and self._site is not None:
+                await self._site.stop()
+                self._site = None
+                if self._runner is not None and self._runner.server is not None:
+                    for conn in self._runner.server.connections:  # keep-alive sockets die with the server
+                        conn.force_close()
+                assert self._loop is not None
+                self._loop.call_later(seconds, lambda: asyncio.ensure_future(self._listen()))
+
+        self._call(begin)
+
+    def in_outage(self) -> bool:
+        with self._lock:
+            return time.monotonic() < self._outage_until
+
+    def compact(self) -> int:
+        """Forget all watch history (like etcd compaction): watches from older versions now get 410."""
+        with self._lock:
+            for hist in self._history.values():
+                hist.events.clear()
+                hist.compacted = self._rv
+            return self._rv
+
+    # ---- direct state access for tests (thread-safe) ------------------------------------------
+    def create(self, plural: str, obj: dict[str, Any], *, group: str = "", namespace: str | None = None) -> dict:
+        return self._create(self.resources[(group, plural)], namespace, copy.deepcopy(obj))
+
+    def get(self, plural: str, name: str, *, group: str = "", namespace: str | None = None) -> dict | None:
+        with self._lock:
+            obj = self._objects.get((group, plural, namespace, name))
+            return copy.deepcopy(obj) if obj is not None else None
+
+    def list(self, plural: str, *, group: str = "", namespace: str | None = None) -> list[dict[str, Any]]:
+        with self._lock:
+            return [
+                copy.deepcopy(o)
+                for (g, p, ns, _), o in sorted(self._objects.items(), key=lambda kv: str(kv[0]))
+                if g == group and p == plural and (namespace is None or ns == namespace)
+            ]
+
+    def patch(
+        self, plural: str, name: str, patch: dict[str, Any], *, group: str = "", namespace: str | None = None
+    ) -> dict:
+        """Merge-patch an object as another client would (bumps resourceVersion, notifies watches)."""
+        res = self.resources[(group, plural)]
+        return self._update(res, namespace, name, lambda cur: merge_patch(cur, patch), sub=None)
+
+    def delete(self, plural: str, name: str, *, group: str = "", namespace: str | None = None) -> None:
+        self._delete(self.resources[(group, plural)], namespace, name)
+
+    def create_node(self, name: str, labels: dict[str, str] | None = None, annotations: dict | None = None) -> dict:
+        return self.create(
+            "nodes", {"metadata": {"name": name, "labels": labels or {}, "annotations": annotations or {}}}
+        )
+
+    def node_labels(self, name: str) -> dict[str, str]:
+        node = self.get("nodes", name) or {}
+        return dict(node.get("metadata", {}).get("labels") or {})
+
+    def node_annotations(self, name: str) -> dict[str, str]:
+        node = self.get("nodes", name) or {}
+        return dict(node.get("metadata", {}).get("annotations") or {})
+
+    def labels_over_time(self, name: str) -> list[tuple[float, dict[str, str]]]:
+        """Every distinct label set the node had, with the monotonic time it started."""
+        with self._lock:
+            return list(self.label_history.get(name, []))
+
+    def requests_matching(self, method: str, path: str) -> list[RequestRecord]:
+        rx = re.compile(path)
+        with self._lock:
+            return [r for r in self.requests if r.method == method.upper() and rx.search(r.path)]
+
+    def wait_for(self, predicate: Callable[[], bool], timeout: float = 10.0, interval: float = 0.02) -> bool:
+        """Poll ``predicate`` until true (for tests that wait on another thread's effect)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if predicate():
+                return True
+            time.sleep(interval)
+        return predicate()
+
+    @property
+    def watch_count(self) -> int:
+        return len(self._watchers)
+
+    # ---- state machine -----------------------------------------------------------------------
+    def _next_rv(self) -> str:
+        self._rv += 1
+        return str(self._rv)
+
+    def _record(self, res: Resource, etype: str, obj: dict[str, Any]) -> None:
+        key = (res.group, res.plural)
+        rv = int(obj["metadata"]["resourceVersion"])
+        hist = self._history[key]
+        event = {"type": etype, "object": copy.deepcopy(obj)}
+        hist.events.append((rv, event))
+        while len(hist.events) > self.history_limit:
+            old_rv, _ = hist.events.popleft()
+            hist.compacted = max(hist.compacted, old_rv)
+        ns = obj["metadata"].get("namespace")
+        if res.plural == "nodes" and res.group == "":
+            labels = dict(obj["metadata"].get("labels") or {})
+            hist_l = self.label_history.setdefault(obj["metadata"]["name"], [])
+            if etype != "DELETED" and (not hist_l or hist_l[-1][1] != labels):
+                hist_l.append((time.monotonic(), labels))
+        loop = self._loop
+        for w in list(self._watchers):
+            if w.key == key and (w.namespace is None or w.namespace == ns) and loop is not None:
+                loop.call_soon_threadsafe(w.queue.put_nowait, copy.deepcopy(event))
+
+    def _create(self, res: Resource, namespace: str | None, obj: dict[str, Any]) -> dict[str, Any]:
+        meta = obj.setdefault("metadata", {})
+        name = meta.get("name")
+        if not name and meta.get("generateName"):
+            name = meta["generateName"] + uuid.uuid4().hex[:5]
+            meta["name"] = name
+        if not name:
+            raise ApiError(422, "Invalid", "metadata.name: Required value")
+        ns = namespace or meta.get("namespace") if res.namespaced else None
+        if res.namespaced and not ns:
+            raise ApiError(422, "Invalid", "metadata.namespace: Required value")
+        with self._lock:
+            key = (res.group, res.plural, ns, name)
+            if key in self._objects:
+                raise ApiError(409, "AlreadyExists", f'{res.plural} "{name}" already exists')
+            obj["apiVersion"], obj["kind"] = res.api_version, res.kind
+            if ns:
+                meta["namespace"] = ns
+            meta["uid"] = str(uuid.uuid4())
+            meta["creationTimestamp"] = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+            meta["generation"] = 1
+            meta["resourceVersion"] = self._next_rv()
+            if res.status_subresource and res.group:
+                obj.pop("status", None)  # status is ignored on create when the subresource is enabled
+            self._objects[key] = obj
+            self._record(res, "ADDED", obj)
+            return copy.deepcopy(obj)
+
+    def _update(
+        self,
+        res: Resource,
+        namespace: str | None,
+        name: str,
+        change: Callable[[dict[str, Any]], dict[str, Any]],
+        sub: str | None,
+    ) -> dict[str, Any]:
+        with self._lock:
+            key = (res.group, res.plural, namespace if res.namespaced else None, name)
+            cur = self._objects.get(key)
+            if cur is None:
+                raise ApiError(404, "NotFound", f'{res.plural} "{name}" not found')
+            new = change(copy.deepcopy(cur))
+            new_meta = new.setdefault("metadata", {})
+            want_rv = new_meta.get("resourceVersion")
+            if want_rv and want_rv != cur["metadata"]["resourceVersion"]:
+                raise ApiError(
+                    409,
+                    "Conflict",
+                    f'Operation cannot be fulfilled on {res.plural} "{name}": the object has been modified; '
+                    "please apply your changes to the latest version and try again",
+                )
+            if sub == "status":
+                result = copy.deepcopy(cur)
+                result["status"] = new.get("status")
+                if result["status"] is None:
+                    result.pop("status")
+            else:
+                result = new
+                if res.status_subresource and res.group:
+                    if "status" in cur:
+                        result["status"] = cur["status"]
+                    else:
+                        result.pop("status", None)
+                for immutable in ("name", "namespace", "uid", "creationTimestamp", "generation"):
+                    if immutable in cur["metadata"]:
+                        result["metadata"][immutable] = cur["metadata"][immutable]
+                if result.get("spec") != cur.get("spec"):
+                    result["metadata"]["generation"] = cur["metadata"].get("generation", 1) + 1
+            result["apiVersion"], result["kind"] = res.api_version, res.kind
+            if _without_rv(result) == _without_rv(cur):
+                return copy.deepcopy(cur)  # no-op writes keep the resourceVersion, as the API server does
+            result["metadata"]["resourceVersion"] = self._next_rv()
+            self._objects[key] = result
+            self._record(res, "MODIFIED", result)
+            return copy.deepcopy(result)
+
+    def _delete(self, res: Resource, namespace: str | None, name: str) -> dict[str, Any]:
+        with self._lock:
+            key = (res.group, res.plural, namespace if res.namespaced else None, name)
+            cur = self._objects.pop(key, None)
+            if cur is None:
+                raise ApiError(404, "NotFound", f'{res.plural} "{name}" not found')
+            cur["metadata"]["resourceVersion"] = self._next_rv()
+            self._record(res, "DELETED", cur)
+            return copy.deepcopy(cur)
+
+    # ---- HTTP --------------------------------------------------------------------------------
+    def _route(self, path: str) -> tuple[Resource, str | None, str | None, str | None]:
+        m = CORE_PATH.match(path)
+        group = ""
+        if m is None:
+            m = GROUP_PATH.match(path)
+            if m is None:
+                raise ApiError(404, "NotFound", f"the server could not find the requested resource ({path})")
+            group = m.group("group")
+        res = self.resources.get((group, m.group("plural")))
+        if res is None:
+            raise ApiError(404, "NotFound", f"the server could not find the requested resource ({path})")
+        sub = m.group("sub")
+        if sub is not None and not (sub == "status" and res.status_subresource):
+            raise ApiError(404, "NotFound", f"subresource {sub!r} not found")
+        return res, m.group("ns"), m.group("name"), sub
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        raw = await request.read()
+        ctype = request.headers.get("Content-Type", "").split(";")[0].strip()
+        try:
+            body: Any = json.loads(raw) if raw else None
+        except ValueError:
+            body = raw.decode(errors="replace")
+        rec = RequestRecord(time.monotonic(), request.method, request.path, dict(request.query), ctype, body)
+        with self._lock:
+            self.requests.append(rec)
+        try:
+            self._check_faults(request.method, request.path)
+            resp = await self._dispatch(request, rec, ctype, body)
+        except ApiError as e:
+            rec.status = e.code
+            return web.json_response(_status(e.code, e.reason, e.message), status=e.code, headers=e.headers)
+        rec.status = resp.status
+        return resp
+
+    def _check_faults(self, method: str, path: str) -> None:
+        with self._lock:
+            if time.monotonic() < self._outage_until:
+                raise ApiError(503, "ServiceUnavailable", "injected outage")
+            for f in self._faults:
+                if f.remaining > 0 and f.method in (method, "*") and f.path.search(path):
+                    f.remaining -= 1
+                    headers = {"Retry-After": f.retry_after} if f.retry_after is not None else {}
+                    reason = {409: "Conflict", 429: "TooManyRequests", 500: "InternalError"}.get(f.status, "Error")
+                    raise ApiError(f.status, reason, f.message, headers)
+            self._faults = [f for f in self._faults if f.remaining > 0]
+
+    async def _dispatch(self, request: web.Request, rec: RequestRecord, ctype: str, body: Any) -> web.StreamResponse:
+        if request.path in ("/version", "/api", "/apis", "/healthz", "/readyz"):
+            return web.json_response({"major": "1", "minor": "31", "gitVersion": "v1.31.0-emulator"})
+        res, ns, name, sub = self._route(request.path)
+        method = request.method
+        q = request.query
+        if method == "GET" and name is None:
+            if q.get("watch") in ("true", "True", "1"):
+                return await self._watch(request, res, ns)
+            return web.json_response(self._list(res, ns))
+        if method == "GET":
+            obj = self.get(res.plural, name, group=res.group, namespace=ns if res.namespaced else None)
+            if obj is None:
+                raise ApiError(404, "NotFound", f'{res.plural} "{name}" not found')
+            return web.json_response(obj)
+        if method == "POST" and name is None:
+            if not isinstance(body, dict):
+                raise ApiError(400, "BadRequest", "body must be a JSON object")
+            return web.json_response(self._create(res, ns, body), status=201)
+        if method == "DELETE" and name is not None:
+            return web.json_response(self._delete(res, ns, name))
+        if method == "PUT" and name is not None:
+            if not isinstance(body, dict):
+                raise ApiError(400, "BadRequest", "body must be a JSON object")
+            new = copy.deepcopy(body)
+            return web.json_response(self._update(res, ns, name, lambda cur: new, sub))
+        if method == "PATCH" and name is not None:
+            if ctype not in ("application/merge-patch+json", "application/strategic-merge-patch+json"):
+                raise ApiError(415, "UnsupportedMediaType", f"the emulator does not support {ctype!r}")
+            if not isinstance(body, dict):
+                raise ApiError(400, "BadRequest", "merge patch body must be a JSON object")
+            return web.json_response(self._update(res, ns, name, lambda cur: merge_patch(cur, body), sub))
+        raise ApiError(405, "MethodNotAllowed", f"{method} not allowed on {request.path}")
+
+    def _list(self, res: Resource, ns: str | None) -> dict[str, Any]:
+        with self._lock:
+            items = self.list(res.plural, group=res.group, namespace=ns)
+            return {
+                "apiVersion": res.api_version,
+                "kind": res.kind + "List",
+                "metadata": {"resourceVersion": str(self._rv)},
+                "items": items,
+            }
+
+    async def _watch(self, request: web.Request, res: Resource, ns: str | None) -> web.StreamResponse:
+        q = request.query
+        key = (res.group, res.plural)
+        bookmarks = q.get("allowWatchBookmarks") in ("true", "True", "1")
+        timeout = float(q["timeoutSeconds"]) if q.get("timeoutSeconds") else None
+        rv_param = q.get("resourceVersion") or ""
+        watcher = _Watcher(key, ns, asyncio.Queue())
+        initial: list[dict[str, Any]] = []
+        with self._lock:
+            hist = self._history[key]
+            if rv_param in ("", "0"):
+                initial = [{"type": "ADDED", "object": o} for o in self.list(res.plural, group=res.group, namespace=ns)]
+            else:
+                try:
+                    since = int(rv_param)
+                except ValueError as e:
+                    raise ApiError(400, "BadRequest", f"invalid resourceVersion {rv_param!r}") from e
+                if since < hist.compacted:
+                    initial = [
+                        {
+                            "type": "ERROR",
+                            "object": _status(410, "Expired", f"too old resource version: {since} ({hist.compacted})"),
+                        }
+                    ]
+                else:
+                    initial = [
+                        copy.deepcopy(ev)
+                        for rv, ev in hist.events
+                        if rv > since and (ns is None or ev["object"]["metadata"].get("namespace") == ns)
+                    ]
+            expired = bool(initial) and initial[0]["type"] == "ERROR"
+            if not expired:
+                self._watchers.append(watcher)
+        resp = web.StreamResponse(status=200, headers={"Content-Type": "application/json"})
+        await resp.prepare(request)
+        watcher.transport = request.transport
+        deadline = time.monotonic() + timeout if timeout else None
+        try:
+            for ev in initial:
+                await resp.write(json.dumps(ev).encode() + b"\n")
+            if expired:
+                return resp
+            while True:
+                wait = self.bookmark_interval if bookmarks else 3600.0
+                if deadline is not None:
+                    wait = min(wait, deadline - time.monotonic())
+                    if wait <= 0:
+                        break
+                try:
+                    ev = await asyncio.wait_for(watcher.queue.get(), wait)
+                except TimeoutError:
+                    if deadline is not None and time.monotonic() >= deadline:
+                        break
+                    with self._lock:
+                        rv = str(self._rv)
+                    ev = {
+                        "type": "BOOKMARK",
+                        "object": {
+                            "apiVersion": res.api_version,
+                            "kind": res.kind,
+                            "metadata": {"resourceVersion": rv},
+                        },
+                    }
+                if ev is None:
+                    break
+                await resp.write(json.dumps(ev).encode() + b"\n")
+        except (ConnectionResetError, RuntimeError):
+            pass
+        finally:
+            with self._lock:
+                if watcher in self._watchers:
+                    self._watchers.remove(watcher)
+        with suppress(ConnectionResetError, RuntimeError):
+            await resp.write_eof()
+        return resp
+
+
+@contextmanager
+def running(**kwargs: Any) -> Iterator[KubeEmulator]:
+    """``with running() as kube:`` for tests that are not pytest fixtures."""
+    emu = KubeEmulator(**kwargs).start()
+    try:
+        yield emu
+    finally:
+        emu.stop()
