@@ -339,20 +339,25 @@ class Fill:
                 return None
             e = e.with_digest(old.digest)
         blob = lay.blob_path(self.plan.repo, e.digest)
-        try:
-            st = os.stat(blob)
-        except FileNotFoundError:
-            return None
-        if st.st_size != e.size:
-            return None
-        known = reusable.get(e.digest)
-        if known and known.size == e.size and known.mtime_ns == st.st_mtime_ns and known.inode == st.st_ino:
-            return ManifestFile(e.path, e.size, e.algo, e.digest, known.xxh3, st.st_mtime_ns, st.st_ino,
-                                known.verified and self._trusted(e))
-        d = hash_file(blob, e.algo, size=e.size)  # a blob we have no record of: trust only its content
-        if d.digest != e.digest:
-            return None
-        return ManifestFile(e.path, e.size, e.algo, e.digest, d.xxh3, st.st_mtime_ns, st.st_ino, self._trusted(e))
+        staged = self.staged_blob(e.digest)
+        for candidate in (blob, staged):
+            try:
+                st = os.stat(candidate)
+            except FileNotFoundError:
+                continue
+            if st.st_size != e.size:
+                continue
+            known = reusable.get(e.digest)
+            if (candidate == blob and known and known.size == e.size and known.mtime_ns == st.st_mtime_ns
+                    and known.inode == st.st_ino):
+                return ManifestFile(e.path, e.size, e.algo, e.digest, known.xxh3, st.st_mtime_ns, st.st_ino,
+                                    known.verified and self._trusted(e))
+            d = hash_file(candidate, e.algo, size=e.size)  # no record of this blob: trust only its content
+            if d.digest != e.digest:
+                continue
+            return ManifestFile(e.path, e.size, e.algo, e.digest, d.xxh3, st.st_mtime_ns, st.st_ino,
+                                self._trusted(e))
+        return None
 
     def _trusted(self, e: FileEntry) -> bool:
         return self.plan.entry(e.path).trusted
@@ -363,6 +368,10 @@ class Fill:
         """Stable per (commit, path), so a later process can resume the same partial file."""
         safe_relpath(entry.path)
         return self.files_dir / (hashlib.sha256(entry.path.encode()).hexdigest()[:32] + ".part")
+
+    def staged_blob(self, digest: str) -> Path:
+        """A verified file waiting for publish (kept across restarts, never visible to workers)."""
+        return self.dir / "blobs" / digest
 
     def _staged_size(self, entry: FileEntry) -> int:
         try:
@@ -405,11 +414,15 @@ class Fill:
         except IntegrityError:
             part.unlink(missing_ok=True)
             raise
-        blob = self.store.layout.blob_path(self.plan.repo, d.digest)
+        blob = self.staged_blob(d.digest)
         make_dirs(blob.parent)
-        os.chmod(part, FILE_MODE)
-        os.replace(part, blob)
-        st = os.stat(blob)
+        with self._mu:
+            if blob.exists():  # same content under two paths: keep the first inode (manifests record it)
+                part.unlink()
+            else:
+                os.chmod(part, FILE_MODE)
+                os.replace(part, blob)
+            st = os.stat(blob)
         mf = ManifestFile(entry.path, entry.size, entry.algo, d.digest, d.xxh3, st.st_mtime_ns, st.st_ino,
                           entry.trusted)
         with self._mu:
@@ -442,8 +455,7 @@ class Fill:
         missing = [e.path for e in plan.files if e.path not in self._done]
         if missing:
             raise IntegrityError(missing[0], f"not filled ({len(missing)} files missing)")
-        if self.store.fsync:
-            fsync_dir(lay.blobs_dir(plan.repo))
+        self._publish_blobs()
         old = self.store.manifest(plan.repo, plan.commit)
         files = dict(self._done)
         refs = set(old.refs if old else [])
@@ -484,6 +496,19 @@ class Fill:
                               fsync=self.store.fsync)
         rmtree_quiet(self.dir)
         return manifest
+
+    def _publish_blobs(self) -> None:
+        """Step 1 of publish: move verified blobs from staging into hub/ blobs (mtime, inode kept)."""
+        blobs = self.store.layout.blobs_dir(self.plan.repo)
+        make_dirs(blobs)
+        staged = self.dir / "blobs"
+        if staged.is_dir():
+            if self.store.fsync:
+                fsync_dir(staged)
+            for b in staged.iterdir():
+                os.replace(b, blobs / b.name)
+        if self.store.fsync:
+            fsync_dir(blobs)
 
     def abort(self, *, keep_partials: bool = False) -> None:
         """Drop staging for this fill; partial files may be kept for a later resume."""

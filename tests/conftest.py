@@ -1,0 +1,44 @@
+"""Shared fixtures: generated models in a PVC-like HF cache, and an empty node cache."""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+os.environ.setdefault("HF_HUB_DISABLE_XET", "1")
+
+from agent.cache.store import Store
+from agent.modelgen import MiB, make_hub_model
+
+REPO = "org/tiny-model"
+
+
+@dataclass
+class PvcModel:
+    root: Path  # the PVC mount (HF_HOME style: hub/ inside)
+    hub: Path
+    repo: str
+    commit: str
+
+
+@pytest.fixture
+def pvc_model(tmp_path: Path) -> PvcModel:
+    """A 2-shard model (~2 MiB) with refs main and v1.0, blobs + symlinks, as a Download Job leaves it."""
+    hub = tmp_path / "pvc" / "hub"
+    commit = make_hub_model(hub, REPO, weight_bytes=2 * MiB, shards=2, refs=("main", "v1.0"))
+    return PvcModel(tmp_path / "pvc", hub, REPO, commit)
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Store:
+    return Store(tmp_path / "cache")
+
+
+def agent_cmd(*args: str) -> list[str]:
+    """Run the CLI exactly as a user would, via the installed package's entry module."""
+    return [sys.executable, "-m", "agent", *args]
