@@ -85,3 +85,25 @@ class LockedError(AgentError):
     """Another process holds the repo lock and we were told not to wait."""
 
     permanent = False
+
+
+class KubeApiError(AgentError):
+    """A Kubernetes API call failed. ``status`` is the HTTP code (0: no response, e.g. connection refused).
+
+    429, 5xx and connection errors are transient; ``retry_after`` carries the server's Retry-After.
+    """
+
+    def __init__(
+        self, message: str, *, status: int = 0, permanent: bool = True, retry_after: float | None = None
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.permanent = permanent
+        self.retry_after = retry_after
+
+
+class KubeConflictError(KubeApiError):
+    """409 Conflict: someone else wrote first; re-read and decide again."""
+
+    def __init__(self, message: str, *, retry_after: float | None = None) -> None:
+        super().__init__(message, status=409, permanent=False, retry_after=retry_after)
