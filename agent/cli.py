@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from agent import __version__
-from agent.errors import AgentError, ConfigError
+from agent.errors import AgentError, ConfigError, SpecError
 
 EXIT_OK, EXIT_PROBLEM, EXIT_USAGE = 0, 1, 2
 
@@ -96,7 +96,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     log.configure(level=args.log_level, json=args.log_json)
     try:
         return _dispatch(args)
-    except ConfigError as e:
+    except (ConfigError, SpecError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE
     except AgentError as e:
@@ -193,9 +193,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from agent.config import load_run_settings
+
+    settings = load_run_settings(args, os.environ)
     from agent.runtime import run_agent
 
-    return run_agent(load_run_settings(args, os.environ))
+    return run_agent(settings)
 
 
 def cmd_coverage(args: argparse.Namespace) -> int:
