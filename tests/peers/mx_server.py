@@ -243,10 +243,10 @@ class _Service(model_pb2_grpc.ModelServiceServicer):
                     if f.drop_after is not None and sent >= f.drop_after:
                         raise _Abort(grpc.StatusCode.UNAVAILABLE, "injected: connection dropped")
                     if f.stall_after is not None and sent >= f.stall_after:
+                        f.stall_after = None  # one stall per arming: a retry finds a healthy server
                         deadline = time.monotonic() + f.stall_seconds
                         while context.is_active() and time.monotonic() < deadline:
                             time.sleep(0.02)
-                        f.stall_after = None
                     if f.chunk_delay:
                         time.sleep(f.chunk_delay)
                     yield msg
