@@ -14,7 +14,7 @@ import os
 import shutil
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -176,11 +176,12 @@ class Store:
         return self.manifest(repo, commit) if commit else None
 
     def check(self, manifest: Manifest, *, deep: bool = False, full: bool = False,
-              on_bytes: Callable[[int], None] | None = None) -> VerifyReport:
+              on_bytes: Callable[[int], None] | None = None, deep_blobs: Collection[str] = ()) -> VerifyReport:
         """Check a snapshot against its manifest.
 
         Fast (default): symlink targets, blob size, mtime and inode; no file content is read.
         ``deep``: also re-read every blob with xxh3-128. ``full``: recompute the Hub digest too.
+        ``deep_blobs``: re-read just these blobs with xxh3 (the watcher saw them change).
         """
         lay = self.layout
         rep = VerifyReport(manifest.repo, manifest.commit)
@@ -210,7 +211,7 @@ class Store:
             if not (deep or full) and (st.st_mtime_ns != f.mtime_ns or st.st_ino != f.inode):
                 rep.mismatches.append((f.path, "blob changed since verified (mtime/inode)"))
                 continue
-            if deep or full:
+            if deep or full or f.digest in deep_blobs:
                 d = hash_file(blob, f.algo, hub_digest=full, size=f.size, on_bytes=on_bytes)
                 rep.bytes_read += d.size
                 if d.xxh3 != f.xxh3:

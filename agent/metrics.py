@@ -1,0 +1,170 @@
+"""Prometheus metrics and the /metrics, /healthz, /readyz endpoints on one port.
+
+State gauges come from a custom collector that reads the loop's latest snapshot at scrape time, so a
+model that is no longer desired simply stops being exported (no stale series). Events are counters
+and a histogram on an injected registry.
+"""
+
+from __future__ import annotations
+
+import shutil
+import threading
+import time
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.registry import Collector
+
+from agent.desired import ModelStatus
+
+PREFIX = "modelcache_"
+LEVELS = ("verified", "computed")
+STATES = ("pending", "filling", "ready", "failed", "damaged", "invalid")
+
+# Every metric family the agent exports (dashboards and alert rules are tested against this list).
+METRIC_NAMES = frozenset({
+    "modelcache_model_ready", "modelcache_models_desired", "modelcache_models_ready", "modelcache_model_bytes",
+    "modelcache_fill_progress_ratio", "modelcache_model_verification", "modelcache_model_state",
+    "modelcache_fill_bytes_total", "modelcache_fill_failures_total", "modelcache_verify_failures_total",
+    "modelcache_repairs_total", "modelcache_scrub_bytes_total", "modelcache_fill_duration_seconds",
+    "modelcache_cache_bytes", "modelcache_disk_free_bytes", "modelcache_disk_total_bytes",
+    "modelcache_last_reconcile_timestamp_seconds",
+})
+
+
+class StateCollector(Collector):
+    """Gauges built from ``snapshot()`` at scrape time."""
+
+    def __init__(self, snapshot: Callable[[], list[ModelStatus]], cache_root: Path,
+                 cache_bytes: Callable[[], int], last_pass: Callable[[], float]) -> None:
+        self._snapshot = snapshot
+        self._root = cache_root
+        self._cache_bytes = cache_bytes
+        self._last_pass = last_pass
+
+    def collect(self) -> Iterator[Metric]:
+        models = [m for m in self._snapshot() if m.state != "invalid"]
+        ready = GaugeMetricFamily(f"{PREFIX}model_ready", "1 if the model is complete and verified on this node",
+                                  labels=["model", "repo", "revision"])
+        size = GaugeMetricFamily(f"{PREFIX}model_bytes", "Bytes of the model's verified snapshot", labels=["model"])
+        prog = GaugeMetricFamily(f"{PREFIX}fill_progress_ratio", "Fraction of the current fill done",
+                                 labels=["model"])
+        level = GaugeMetricFamily(f"{PREFIX}model_verification",
+                                  "1 for the model's verification level (verified: trusted digests)",
+                                  labels=["model", "level"])
+        state = GaugeMetricFamily(f"{PREFIX}model_state", "1 for the model's current state",
+                                  labels=["model", "state"])
+        for m in models:
+            ready.add_metric([m.name, m.repo, m.revision], 1.0 if m.state == "ready" else 0.0)
+            size.add_metric([m.name], float(m.bytes))
+            prog.add_metric([m.name], m.progress if m.state in ("filling", "ready") else 0.0)
+            for lv in LEVELS:
+                level.add_metric([m.name, lv], 1.0 if m.level == lv else 0.0)
+            for s in STATES:
+                state.add_metric([m.name, s], 1.0 if m.state == s else 0.0)
+        yield ready
+        yield size
+        yield prog
+        yield level
+        yield state
+        yield GaugeMetricFamily(f"{PREFIX}models_desired", "Models desired on this node", value=len(models))
+        yield GaugeMetricFamily(f"{PREFIX}models_ready", "Models ready on this node",
+                                value=sum(m.state == "ready" for m in models))
+        yield GaugeMetricFamily(f"{PREFIX}cache_bytes", "Bytes in the cache's blobs", value=self._cache_bytes())
+        try:
+            du = shutil.disk_usage(self._root)
+            yield GaugeMetricFamily(f"{PREFIX}disk_free_bytes", "Free bytes on the cache filesystem", value=du.free)
+            yield GaugeMetricFamily(f"{PREFIX}disk_total_bytes", "Size of the cache filesystem", value=du.total)
+        except OSError:
+            pass
+        yield GaugeMetricFamily(f"{PREFIX}last_reconcile_timestamp_seconds", "Unix time of the last loop pass",
+                                value=self._last_pass())
+
+
+class Metrics:
+    """Counters and histograms; implements the reconcile loop's Observer protocol."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.fill_bytes = Counter(f"{PREFIX}fill_bytes", "Bytes written into the cache by fills",
+                                  ["source"], registry=r)
+        self.fill_failures = Counter(f"{PREFIX}fill_failures", "Fill attempts that failed", ["source", "reason"],
+                                     registry=r)
+        self.verify_failures = Counter(f"{PREFIX}verify_failures", "Models found damaged or mismatched",
+                                       ["reason"], registry=r)
+        self.repairs = Counter(f"{PREFIX}repairs", "Damaged models repaired", registry=r)
+        self.scrub_bytes = Counter(f"{PREFIX}scrub_bytes", "Bytes re-read by the scrub", registry=r)
+        self.fill_duration = Histogram(f"{PREFIX}fill_duration_seconds", "Duration of successful fills",
+                                       ["source"], registry=r,
+                                       buckets=(1, 5, 15, 30, 60, 120, 300, 600, 1200, 3600, float("inf")))
+
+    def fill_done(self, source: str, nbytes: int, seconds: float) -> None:
+        kind = source.split(":", 1)[0]
+        self.fill_bytes.labels(kind).inc(nbytes)
+        self.fill_duration.labels(kind).observe(seconds)
+
+    def fill_failed(self, source: str, reason: str) -> None:
+        self.fill_failures.labels(source.split(":", 1)[0], reason).inc()
+
+    def verify_failed(self, reason: str) -> None:
+        self.verify_failures.labels(reason).inc()
+
+    def repaired(self) -> None:
+        self.repairs.inc()
+
+    def scrubbed(self, nbytes: int) -> None:
+        self.scrub_bytes.inc(nbytes)
+
+
+class HealthServer:
+    """/metrics, /healthz (loop passed recently), /readyz (initial scan done) on one port."""
+
+    def __init__(self, registry: CollectorRegistry, host: str, port: int, *,
+                 alive: Callable[[], bool], ready: Callable[[], bool]) -> None:
+        registry_ = registry
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                path = self.path.split("?", 1)[0]
+                if path == "/metrics":
+                    self._send(200, generate_latest(registry_), CONTENT_TYPE_LATEST)
+                elif path == "/healthz":
+                    ok = alive()
+                    self._send(200 if ok else 503, b"ok\n" if ok else b"loop stalled\n")
+                elif path == "/readyz":
+                    ok = ready()
+                    self._send(200 if ok else 503, b"ok\n" if ok else b"initial scan not done\n")
+                else:
+                    self._send(404, b"not found\n")
+
+            def _send(self, code: int, body: bytes, ctype: str = "text/plain; charset=utf-8") -> None:
+                self.send_response(code)
+                self.send_header("Content-Type", ctype)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, format: str, *args: object) -> None:
+                pass
+
+        self.httpd = ThreadingHTTPServer((host, port), Handler)
+        self.httpd.daemon_threads = True
+        self.port = self.httpd.server_address[1]
+        self._thread = threading.Thread(target=self.httpd.serve_forever, name="metrics", daemon=True)
+
+    def start(self) -> HealthServer:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def loop_alive(last_pass: Callable[[], float], max_age: float) -> Callable[[], bool]:
+    return lambda: time.time() - last_pass() < max_age

@@ -1,0 +1,113 @@
+"""Desired models from a YAML file (``--models-file``), for clusters without the CRD or no cluster.
+
+Accepted shapes: a list of CachedModel objects or of bare specs each with a ``name``; a mapping with
+``models:``; or several YAML documents (``---``) as ``kubectl get -o yaml`` writes them. A broken
+entry is reported by name and field and the others still apply; a file that does not parse at all
+keeps the last good state (losing every model because of one typo would evict a warm cache).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import structlog
+import yaml
+
+from agent.desired import DesiredState
+from agent.errors import ConfigError, SpecError
+from agent.spec import ModelSpec, parse_model_spec
+from agent.watch import FileWatcher
+
+log = structlog.get_logger("agent.models_file")
+
+
+def parse_models(text: str, source: str) -> DesiredState:
+    """Parse the file's text into a DesiredState (raises ConfigError when it is not a list of models)."""
+    try:
+        docs = [d for d in yaml.safe_load_all(text) if d is not None]
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{source}: invalid YAML: {e}") from e
+    items: list[Any] = []
+    for d in docs:
+        if isinstance(d, dict) and "models" in d and isinstance(d["models"], list):
+            items.extend(d["models"])
+        elif isinstance(d, dict) and d.get("kind") == "List":
+            items.extend(d.get("items") or [])
+        elif isinstance(d, list):
+            items.extend(d)
+        elif isinstance(d, dict):
+            items.append(d)
+        else:
+            raise ConfigError(f"{source}: expected a list of models, got {type(d).__name__}")
+    models: dict[str, ModelSpec] = {}
+    errors: dict[str, SpecError] = {}
+    for i, item in enumerate(items):
+        where = f"{source}[{i}]."
+        try:
+            spec = parse_model_spec(item, where=where)
+        except SpecError as e:
+            name = _name_of(item) or f"entry-{i}"
+            errors[name] = e
+            continue
+        if spec.name in models:
+            errors[spec.name] = SpecError(f"{where}name", f"duplicate model name {spec.name!r}")
+            continue
+        models[spec.name] = spec
+    return DesiredState(models=models, errors=errors, synced=True)
+
+
+def _name_of(item: Any) -> str | None:
+    if not isinstance(item, dict):
+        return None
+    meta = item.get("metadata")
+    name = meta.get("name") if isinstance(meta, dict) else item.get("name")
+    return name if isinstance(name, str) and name else None
+
+
+class ModelsFileProvider:
+    """Reads the models file now and whenever it changes; calls ``on_change`` with each new state."""
+
+    def __init__(self, path: Path, on_change: Callable[[DesiredState], None]) -> None:
+        self.path = path
+        self.on_change = on_change
+        self._last_text: str | None = None
+        self._mu = threading.Lock()
+        self._watcher = FileWatcher(path, self.reload)
+
+    def load(self) -> DesiredState:
+        """First read: a missing or broken file at start is a configuration error."""
+        try:
+            text = self.path.read_text()
+        except OSError as e:
+            raise ConfigError(f"--models-file {self.path}: cannot read ({e.strerror})") from e
+        state = parse_models(text, str(self.path))
+        self._last_text = text
+        return state
+
+    def reload(self) -> None:
+        with self._mu:
+            try:
+                text = self.path.read_text()
+            except OSError as e:
+                log.error("models_file.unreadable", path=str(self.path), error=e.strerror)
+                return
+            if text == self._last_text:
+                return
+            try:
+                state = parse_models(text, str(self.path))
+            except ConfigError as e:
+                log.error("models_file.invalid_kept_last_good", error=str(e))
+                return
+            self._last_text = text
+        log.info("models_file.reloaded", models=sorted(state.models), errors=sorted(state.errors))
+        self.on_change(state)
+
+    def start(self) -> ModelsFileProvider:
+        self._watcher.start()
+        return self
+
+    def stop(self) -> None:
+        self._watcher.stop()

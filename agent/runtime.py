@@ -1,0 +1,168 @@
+"""``model-cache-agent run``: wires settings, store, sources, desired state, reporter, metrics, watchers.
+
+Start: validate paths, sweep stale staging, relabel from disk in one stat-only pass. Run: the loop
+thread, the hub watcher, the scrub, the metrics server. SIGTERM: stop taking work, give in-flight
+fills ``termination_budget`` seconds, leave no partial state (publish is atomic), exit 0.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import threading
+from pathlib import Path
+
+import structlog
+
+from agent.cache.fsutil import write_text_atomic
+from agent.cache.store import Store
+from agent.config import RunSettings
+from agent.errors import ConfigError
+from agent.metrics import HealthServer, Metrics, StateCollector, loop_alive
+from agent.models_file import ModelsFileProvider
+from agent.reconcile import Reconciler
+from agent.scrub import Scrubber
+from agent.sources.factory import open_sources
+from agent.watch import HubWatcher
+
+log = structlog.get_logger("agent.runtime")
+
+
+class LocalReporter:
+    """No cluster: the would-be labels and annotation go to ``.agent/node-status.json`` and the log."""
+
+    def __init__(self, path: Path, prefix: str) -> None:
+        self.path = path
+        self.prefix = prefix
+        self._last: str | None = None
+
+    def report(self, ready: frozenset[str], statuses: dict[str, dict[str, object]]) -> None:
+        doc = json.dumps({"labels": {f"{self.prefix}/{n}": "ready" for n in sorted(ready)}, "models": statuses},
+                         sort_keys=True, indent=1)
+        if doc != self._last:
+            write_text_atomic(self.path, doc, self.path.parent / "staging", fsync=False)
+            if self._last is None or json.loads(self._last)["labels"] != json.loads(doc)["labels"]:
+                log.info("labels", ready=sorted(ready))
+            self._last = doc
+
+    def event(self, name: str, reason: str, message: str, *, warning: bool = False) -> None:
+        (log.warning if warning else log.info)("event", model=name, reason=reason, message=message)
+
+    def pin(self, name: str, commit: str, revision: str) -> str:
+        return commit
+
+
+def validate_cache_dir(store: Store) -> None:
+    """Fail loudly at start: the cache root must be writable and hub/ and .agent/ on one filesystem."""
+    root = store.layout.root
+    try:
+        store.ensure_dirs()
+    except OSError as e:
+        raise ConfigError(f"--cache-dir {root}: cannot create ({e.strerror})") from e
+    if not os.access(root, os.W_OK):
+        raise ConfigError(f"--cache-dir {root}: not writable by uid {os.getuid()}")
+    if os.stat(store.layout.hub).st_dev != os.stat(store.layout.agent_dir).st_dev:
+        raise ConfigError(
+            f"--cache-dir {root}: hub/ and .agent/ are on different filesystems; renames would not be atomic")
+
+
+def blob_bytes(store: Store) -> int:
+    total = 0
+    hub = store.layout.hub
+    if not hub.is_dir():
+        return 0
+    for repo in os.scandir(hub):
+        blobs = os.path.join(repo.path, "blobs")
+        if os.path.isdir(blobs):
+            for b in os.scandir(blobs):
+                with contextlib.suppress(FileNotFoundError):
+                    total += b.stat(follow_symlinks=False).st_size
+    return total
+
+
+def run_agent(settings: RunSettings, *, stop: threading.Event | None = None,
+              ready_file: Path | None = None) -> int:
+    stop = stop or threading.Event()
+    store = Store(settings.cache_dir, reserve_bytes=0)
+    validate_cache_dir(store)
+    store.sweep_all()
+    sources = open_sources(list(settings.sources), settings.source_settings)
+    metrics = Metrics()
+
+    kube_parts: list[object] = []
+    if settings.kubernetes:
+        from agent.k8s.bridge import KubeDesiredProvider, KubeReporter
+        from agent.k8s.client import make_api
+        from agent.k8s.events import EventRecorder
+        from agent.k8s.node import NodeReporter
+
+        api = make_api(settings.kube_host)
+        node = NodeReporter(api, settings.node_name, settings.label_prefix)
+        node.refresh(stop)
+        events = EventRecorder(api, node_name=settings.node_name)
+        rec_holder: list[Reconciler] = []
+        provider = KubeDesiredProvider(api, node, lambda d: rec_holder[0].set_desired(d), stop=stop,
+                                       resync=settings.resync_seconds)
+        reporter: object = KubeReporter(api, node, events, provider, stop=stop)
+        rec = Reconciler(store, sources, reporter, workers=settings.workers, backoff=settings.backoff,  # type: ignore[arg-type]
+                         observer=metrics)
+        rec_holder.append(rec)
+        node.start(stop)
+        provider.start()
+        kube_parts += [api, node, provider]
+    else:
+        assert settings.models_file is not None
+        reporter = LocalReporter(store.layout.agent_dir / "node-status.json", settings.label_prefix)
+        rec = Reconciler(store, sources, reporter, workers=settings.workers, backoff=settings.backoff,  # type: ignore[arg-type]
+                         observer=metrics)
+        models = ModelsFileProvider(settings.models_file, rec.set_desired)
+        rec.set_desired(models.load())
+        models.start()
+        kube_parts.append(models)
+
+    metrics.registry.register(StateCollector(rec.snapshot, store.layout.root, lambda: blob_bytes(store),
+                                             lambda: rec.last_pass))
+    server = HealthServer(metrics.registry, settings.metrics_host, settings.metrics_port,
+                          alive=loop_alive(lambda: rec.last_pass, max(settings.check_interval * 3, 30.0)),
+                          ready=rec.initial_scan_done.is_set).start()
+    hub_watch = HubWatcher(store.layout.hub, rec.mark_dirty).start()
+
+    def desired_repos() -> set[str]:
+        return {s.repo for s in rec.desired().models.values()}
+
+    scrubber = Scrubber(store, rec.mark_dirty, rate=settings.scrub_bytes_per_second, on_bytes=metrics.scrubbed,
+                        repos=desired_repos)
+    threading.Thread(target=scrubber.run, args=(stop,), kwargs={
+        "interval": settings.scrub_interval, "full_interval": settings.full_scrub_interval}, daemon=True,
+        name="scrub").start()
+
+    def on_signal(signum: int, _frame: object) -> None:
+        log.info("agent.stopping", signal=signal.Signals(signum).name)
+        stop.set()
+        rec.wake()
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+    log.info("agent.started", node=settings.node_name, cache_dir=str(settings.cache_dir),
+             sources=[s.label for s in sources], kubernetes=settings.kubernetes, metrics_port=server.port)
+    if ready_file is not None:
+        ready_file.write_text(str(server.port))
+    loop = threading.Thread(target=rec.run, args=(stop,), kwargs={"interval": settings.check_interval},
+                            name="reconcile", daemon=True)
+    loop.start()
+    stop.wait()
+    finished = rec.shutdown(settings.termination_budget)
+    log.info("agent.stopped", fills_finished=finished)
+    hub_watch.stop()
+    server.stop()
+    for part in kube_parts:
+        closer = getattr(part, "stop", None) or getattr(part, "close", None)
+        if callable(closer):
+            with contextlib.suppress(Exception):
+                closer()
+    for s in sources:
+        s.close()
+    return 0

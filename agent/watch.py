@@ -1,0 +1,114 @@
+"""watchdog observers: changes under hub/ mark a model dirty; a models file reloads on change.
+
+Only the *fact* of a change crosses into the loop (repo + blob names); the loop decides what it
+means by re-checking from disk, so the agent's own writes cannot cause a loop (checks never write).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+from watchdog.events import FileSystemEvent, FileSystemEventHandler
+from watchdog.observers import Observer
+
+from agent.cache.layout import repo_from_folder_name
+
+
+def hub_change(hub: Path, path: str) -> tuple[str, str | None] | None:
+    """Map a changed path under hub/ to (repo, blob name or None). Pure; ignores everything else."""
+    try:
+        rel = Path(path).relative_to(hub)
+    except ValueError:
+        return None
+    parts = rel.parts
+    if not parts:
+        return None
+    repo = repo_from_folder_name(parts[0])
+    if repo is None:
+        return None
+    blob = parts[2] if len(parts) >= 3 and parts[1] == "blobs" else None
+    return repo, blob
+
+
+class _HubHandler(FileSystemEventHandler):
+    def __init__(self, hub: Path, on_change: Callable[[str, set[str]], None]) -> None:
+        self.hub = hub
+        self.on_change = on_change
+
+    def on_any_event(self, event: FileSystemEvent) -> None:
+        if event.event_type in ("opened", "closed_no_write"):
+            return  # reads by workers are not changes
+        paths = [event.src_path, getattr(event, "dest_path", "") or ""]
+        for p in paths:
+            if not p:
+                continue
+            hit = hub_change(self.hub, p if isinstance(p, str) else p.decode())
+            if hit:
+                repo, blob = hit
+                self.on_change(repo, {blob} if blob else set())
+
+
+class HubWatcher:
+    """Recursive inotify watch on hub/ (created if missing)."""
+
+    def __init__(self, hub: Path, on_change: Callable[[str, set[str]], None]) -> None:
+        hub.mkdir(parents=True, exist_ok=True)
+        self._observer = Observer()
+        self._observer.daemon = True
+        self._observer.schedule(_HubHandler(hub, on_change), str(hub), recursive=True)
+
+    def start(self) -> HubWatcher:
+        self._observer.start()
+        return self
+
+    def stop(self) -> None:
+        self._observer.stop()
+        self._observer.join(timeout=5)
+
+
+class _FileHandler(FileSystemEventHandler):
+    def __init__(self, poke: Callable[[], None]) -> None:
+        self.poke = poke
+
+    def on_any_event(self, event: FileSystemEvent) -> None:
+        if event.event_type not in ("opened", "closed_no_write"):
+            self.poke()
+
+
+class FileWatcher:
+    """Calls ``on_change`` (debounced) when a file may have changed, ConfigMap symlink swaps included.
+
+    Watches the file's folder, not the file: a ConfigMap update replaces the ``..data`` symlink, so
+    the file's own inode never changes. The callback re-reads and compares content itself.
+    """
+
+    def __init__(self, path: Path, on_change: Callable[[], None], *, debounce: float = 0.2) -> None:
+        self.path = path
+        self.on_change = on_change
+        self.debounce = debounce
+        self._timer: threading.Timer | None = None
+        self._mu = threading.Lock()
+        self._observer = Observer()
+        self._observer.daemon = True
+        self._observer.schedule(_FileHandler(self._poke), str(path.parent), recursive=True)
+
+    def _poke(self) -> None:
+        with self._mu:
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer = threading.Timer(self.debounce, self.on_change)
+            self._timer.daemon = True
+            self._timer.start()
+
+    def start(self) -> FileWatcher:
+        self._observer.start()
+        return self
+
+    def stop(self) -> None:
+        self._observer.stop()
+        self._observer.join(timeout=5)
+        with self._mu:
+            if self._timer is not None:
+                self._timer.cancel()
