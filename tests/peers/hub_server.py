@@ -117,7 +117,7 @@ class RequestRecord:
         return self.headers.get("authorization")
 
 
-def parse_range(value: str | None, size: int) -> tuple[int, int] | None | Literal["bad"]:
+def parse_range(value: str | None, size: int) -> tuple[int, int] | Literal["bad"] | None:
     """Single 'bytes=a-b' / 'a-' / '-n' range -> inclusive (start, end), None for no range, 'bad' for 416."""
     if not value:
         return None
@@ -195,6 +195,11 @@ class HubServer:
         async def _stop() -> None:
             for r in self._runners:
                 await r.cleanup()
+            current = asyncio.current_task()
+            pending = [t for t in asyncio.all_tasks() if t is not current]
+            for t in pending:  # stalled handlers still sleeping
+                t.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
 
         try:
             asyncio.run_coroutine_threadsafe(_stop(), self._loop).result(10)
@@ -435,22 +440,24 @@ class HubServer:
         limit = length if fault is None or fault.kind == "corrupt" else fault.after
         flip = length // 2 if fault is not None and fault.kind == "corrupt" else -1
         sent = 0
-        with open(f.source, "rb") as fh:
-            fh.seek(start)
-            while sent < limit:
-                data = fh.read(min(CHUNK, limit - sent))
-                if not data:
-                    break
-                if 0 <= flip - sent < len(data):
-                    b = bytearray(data)
-                    b[flip - sent] ^= 0xFF
-                    data = bytes(b)
-                await resp.write(data)
-                sent += len(data)
-                rec.bytes_sent = sent
+        try:
+            with open(f.source, "rb") as fh:
+                fh.seek(start)
+                while sent < limit:
+                    data = fh.read(min(CHUNK, limit - sent))
+                    if not data:
+                        break
+                    if 0 <= flip - sent < len(data):
+                        b = bytearray(data)
+                        b[flip - sent] ^= 0xFF
+                        data = bytes(b)
+                    await resp.write(data)
+                    sent += len(data)
+                    rec.bytes_sent = sent
+        except ConnectionError:  # the client went away (a killed downloader, a timeout): normal here
+            return resp
         if fault is not None and fault.kind in ("cut", "stall"):
             if fault.kind == "stall":
-                await resp.drain()
                 await asyncio.sleep(fault.seconds)
             if request.transport is not None:
                 request.transport.close()
