@@ -119,6 +119,18 @@ def make_api(
             except (k8s_config.ConfigException, OSError) as e:
                 errors.append(f"kubeconfig: {e}")
                 raise ConfigError("no Kubernetes config: " + "; ".join(errors)) from e
+    # urllib3 would otherwise retry GETs on 429/503 by itself, sleeping Retry-After unlogged and deaf to
+    # the stop event. Keep only immediate reconnects; every other retry is ours (classified, logged).
+    cfg.retries = urllib3.Retry(
+        total=2,
+        connect=2,
+        read=0,
+        status=0,
+        other=0,
+        redirect=0,
+        respect_retry_after_header=False,
+        raise_on_status=False,
+    )
     return KubeApi(k8s_client.ApiClient(cfg), request_timeout)
 
 

@@ -111,7 +111,7 @@ class CachedModelWatcher:
         self._lock = threading.Lock()
         self._watch: k8s_watch.Watch | None = None
         self.lists = 0  # for metrics and tests: how many full lists were made
-        self.synced = threading.Event()  # set after the first successful list
+        self.synced = threading.Event()  # set once the first full list was handed to on_snapshot
 
     def snapshot(self) -> dict[str, CachedModelObj]:
         with self._lock:
@@ -142,9 +142,9 @@ class CachedModelWatcher:
         self._need_list = False
         self._next_list = self.clock() + self.resync
         self.lists += 1
-        self.synced.set()
         log.info("crd.listed", count=len(objs), resource_version=self._rv)
         self._emit()
+        self.synced.set()  # after the loop has the first full set, so "synced" means the loop knows
 
     def _apply(self, event: Mapping[str, Any]) -> None:
         etype = event.get("type")

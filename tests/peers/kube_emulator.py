@@ -335,11 +335,21 @@ class KubeEmulator:
             ]
 
     def patch(
-        self, plural: str, name: str, patch: dict[str, Any], *, group: str = "", namespace: str | None = None
+        self,
+        plural: str,
+        name: str,
+        patch: dict[str, Any],
+        *,
+        group: str = "",
+        namespace: str | None = None,
+        subresource: str | None = None,
     ) -> dict:
-        """Merge-patch an object as another client would (bumps resourceVersion, notifies watches)."""
+        """Merge-patch an object as another client would (bumps resourceVersion, notifies watches).
+
+        With a status subresource, ``status`` only changes through ``subresource="status"``.
+        """
         res = self.resources[(group, plural)]
-        return self._update(res, namespace, name, lambda cur: merge_patch(cur, patch), sub=None)
+        return self._update(res, namespace, name, lambda cur: merge_patch(cur, patch), sub=subresource)
 
     def delete(self, plural: str, name: str, *, group: str = "", namespace: str | None = None) -> None:
         self._delete(self.resources[(group, plural)], namespace, name)
