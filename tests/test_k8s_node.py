@@ -146,11 +146,13 @@ def test_retry_after_is_honoured(kube: KubeEmulator, api: KubeApi) -> None:
 
 
 def test_permanent_error_is_not_retried_and_flush_reports_failure(kube: KubeEmulator, api: KubeApi) -> None:
+    rep = reporter(api, clock=FakeClock(), heartbeat=3600.0)
+    rep.set_desired(ready_labels(P, ["z"]))
+    assert rep.flush()
     kube.fail_next("PATCH", f"/nodes/{NODE}$", 403)
-    rep = reporter(api)
     rep.set_desired(ready_labels(P, ["a"]))
     assert not rep.flush()
-    assert len(kube.requests_matching("PATCH", f"/nodes/{NODE}$")) == 1
+    assert [r.status for r in kube.requests_matching("PATCH", f"/nodes/{NODE}$")] == [200, 403]
     st = rep.state()
     assert not st.in_sync and st.failures == 1 and "403" in (st.last_error or "")
     # The failure forces a resync: the next flush re-reads the Node, then writes.
@@ -192,15 +194,16 @@ def test_run_loop_survives_outage_and_converges(kube: KubeEmulator, api: KubeApi
 
 def test_run_loop_coalesces_bursts(kube: KubeEmulator, api: KubeApi) -> None:
     stop = threading.Event()
-    rep = reporter(api, settle=0.2)
+    rep = reporter(api, settle=0.5)
     rep.set_desired(ready_labels(P, []))
     assert rep.flush()
     before = len(patches(kube))
     thread = rep.start(stop)
     try:
-        for i in range(50):
+        for i in range(20):  # a burst spread over ~0.2 s, as when a scan finishes model after model
             rep.set_desired(ready_labels(P, [f"m{i}"]))
-        assert wait_labels(kube, {**FOREIGN, f"{P}/m49": "ready"}, 5)
+            time.sleep(0.01)
+        assert wait_labels(kube, {**FOREIGN, f"{P}/m19": "ready"}, 5)
         time.sleep(0.3)
         assert len(patches(kube)) - before <= 2
     finally:
