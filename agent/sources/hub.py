@@ -29,6 +29,8 @@ The token is never logged and never put into an error message (``_redact`` is th
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import json
 import os
 import random
@@ -50,8 +52,12 @@ import structlog
 from huggingface_hub import HfApi
 from huggingface_hub._tree_cache import TREE_CACHE_FORMAT_VERSION, TreeCacheEntry
 from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
+from huggingface_hub.file_download import xet_get
 from huggingface_hub.hf_api import RepoFile
+from huggingface_hub.utils import build_hf_headers, parse_xet_file_data_from_response
+from huggingface_hub.utils._runtime import is_xet_available
 
+from agent.cache.hashing import MultiHasher
 from agent.cache.layout import safe_relpath
 from agent.cache.store import Fill
 from agent.errors import (
@@ -104,6 +110,70 @@ def _origin(url: str) -> tuple[str, str, int]:
 def _retry_after(headers: httpx2.Headers) -> float | None:
     value = (headers.get("Retry-After") or "").strip()
     return min(float(value), MAX_RETRY_AFTER) if value.isdigit() else None
+
+
+def _load_sync_file_range() -> Callable[[int, int, int, int], int] | None:
+    try:
+        fn = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True).sync_file_range
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong, ctypes.c_uint]
+    return fn  # type: ignore[no-any-return]
+
+
+_sync_file_range = _load_sync_file_range()
+_SYNC_FILE_RANGE_WRITE = 2
+_WRITEBACK_STEP = 64 * MiB
+
+
+class _GrowingFileHasher:
+    """Hashes the file hf_transfer is still writing, so verification ends when the download does.
+
+    Only whole chunks before the first hole (SEEK_HOLE) are read: hf_transfer writes each chunk
+    with sequential writes after its body arrived, so such chunks are final. A page still being
+    copied in is locked and not up to date, so the read waits for it; readahead is off
+    (FADV_RANDOM) so no zero page is ever cached ahead of the writer. With ``writeback`` the hashed
+    prefix is pushed to disk as we go (sync_file_range), so the closing fsync has little left.
+    If a filesystem misreports holes the digest mismatches and the retry hashes after the download.
+    """
+
+    def __init__(self, path: Path, entry: FileEntry, chunk: int, *, writeback: bool) -> None:
+        self.entry = entry
+        self.chunk = chunk
+        self.writeback = writeback and _sync_file_range is not None
+        self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_RANDOM)
+        self.hasher = MultiHasher(entry.algo, entry.size)
+        self.pos = 0
+        self.flushed = 0
+        self.buf = bytearray(8 * MiB)
+
+    def advance(self, *, final: bool = False) -> None:
+        size = self.entry.size
+        if final:
+            limit = size
+        else:
+            try:
+                hole = os.lseek(self.fd, self.pos, os.SEEK_HOLE)
+            except OSError:  # ENXIO: nothing written past pos yet
+                return
+            limit = size if hole >= size else (hole // self.chunk) * self.chunk
+        view = memoryview(self.buf)
+        while self.pos < limit:
+            n = os.preadv(self.fd, [view[: min(len(view), limit - self.pos)]], self.pos)
+            if n <= 0:
+                break
+            self.hasher.update(view[:n])
+            self.pos += n
+        if self.writeback and (final or self.pos - self.flushed >= _WRITEBACK_STEP):
+            assert _sync_file_range is not None
+            _sync_file_range(self.fd, self.flushed, self.pos - self.flushed, _SYNC_FILE_RANGE_WRITE)
+            self.flushed = self.pos
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
 
 
 class HubSource:
@@ -302,7 +372,7 @@ class HubSource:
         blog = log.bind(repo=plan.repo, commit=plan.commit[:12], path=entry.path)
         for attempt in (1, 2):
             try:
-                self._fetch_verified(plan, entry, fill, progress, stop)
+                self._fetch_verified(plan, entry, fill, progress, stop, careful=attempt == 2)
                 return
             except IntegrityError as e:
                 self._discard(fill, entry)
@@ -312,7 +382,7 @@ class HubSource:
                 blog.warning("hub.integrity_retry", error=str(e))
 
     def _fetch_verified(self, plan: ModelPlan, entry: FileEntry, fill: Fill, progress: Progress,
-                        stop: threading.Event) -> None:
+                        stop: threading.Event, *, careful: bool = False) -> None:
         staged = [fill.resume_offset(entry)]
 
         def progressed() -> bool:
@@ -329,9 +399,14 @@ class HubSource:
             if offset == entry.size and entry.size > 0:
                 fill.adopt(entry)  # staged in full by an earlier run, just never verified
             elif offset == 0 and entry.size >= self.hf_transfer_min_size:
-                self._fetch_hf_transfer(plan, entry, fill, progress, stop)
+                self._fetch_hf_transfer(plan, entry, fill, progress, stop, hash_while_writing=not careful)
             else:
-                self._fetch_http(plan, entry, fill, progress, stop, offset)
+                try:
+                    self._fetch_http(plan, entry, fill, progress, stop, offset)
+                except SourceError as e:
+                    if e.reason.startswith("http_4") and self._fetch_xet(plan, entry, fill, progress):
+                        return  # a Xet-only server refuses plain GETs
+                    raise
 
         self._retrying(f"{plan.repo}@{plan.commit[:12]}: {entry.path}", attempt, progressed)
 
@@ -467,12 +542,16 @@ class HubSource:
         return final, (self._auth() if _origin(final) == _origin(self.endpoint) else {})
 
     def _fetch_hf_transfer(self, plan: ModelPlan, entry: FileEntry, fill: Fill, progress: Progress,
-                           stop: threading.Event) -> None:
-        """Parallel Range requests by hf_transfer into a scratch file, then the store hashes it."""
+                           stop: threading.Event, *, hash_while_writing: bool = True) -> None:
+        """Parallel Range requests by hf_transfer into a scratch file, hashed as its chunks land
+        (``hash_while_writing``) or after the download (the careful retry after a mismatch)."""
         what = f"{plan.repo}@{plan.commit[:12]}: {entry.path}"
         url, headers = self._locate(plan, entry)
         scratch = self._scratch(fill, entry)
         scratch.unlink(missing_ok=True)
+        scratch.touch()
+        grow = (_GrowingFileHasher(scratch, entry, self.hf_transfer_chunk_size, writeback=fill.store.fsync)
+                if hash_while_writing else None)
         req = {"url": url, "filename": str(scratch), "max_files": self.hf_transfer_max_files,
                "chunk_size": self.hf_transfer_chunk_size, "parallel_failures": self.hf_transfer_max_files,
                "max_retries": max(self.settings.retries, 1), "headers": headers}
@@ -485,7 +564,12 @@ class HubSource:
                 assert proc.stdin is not None and proc.stdout is not None
                 proc.stdin.write(json.dumps(req).encode())
                 proc.stdin.close()
-                done = self._watch_child(proc, what, progress, stop)
+                try:
+                    done = self._watch_child(proc, what, progress, stop, grow)
+                except BaseException:
+                    if grow is not None:
+                        grow.close()
+                    raise
                 rc = proc.wait()
                 errf.seek(0)
                 err_text = errf.read().decode(errors="replace")
@@ -498,6 +582,8 @@ class HubSource:
                 if proc.stdout is not None:
                     proc.stdout.close()
         if rc != 0 or not done:
+            if grow is not None:
+                grow.close()
             self._salvage(fill, entry)
             last = self._redact(err_text.strip().splitlines()[-1] if err_text.strip() else f"exit code {rc}")
             m = re.search(r"\b([1-5]\d\d)\b", last)
@@ -505,11 +591,47 @@ class HubSource:
             if status is not None and status < 500 and status not in TRANSIENT_STATUS:
                 raise self._http_error(status, None, what, detail=f"hf_transfer: {last}")
             raise TransientSourceError(f"{what}: hf_transfer failed: {last}")
+        if grow is None:
+            os.replace(scratch, fill.part_path(entry))
+            fill.adopt(entry)
+            return
+        try:
+            grow.advance(final=True)
+            if fill.store.fsync:
+                os.fsync(grow.fd)
+        finally:
+            grow.close()
         os.replace(scratch, fill.part_path(entry))
+        fill.complete(entry, grow.hasher.digests())
+
+    def _fetch_xet(self, plan: ModelPlan, entry: FileEntry, fill: Fill, progress: Progress) -> bool:
+        """Best effort for servers that only serve Xet: huggingface_hub's own xet path, then we hash.
+
+        Untested against a real Xet-only server (the loopback Hub never advertises Xet). False when
+        the resolve answer carries no Xet metadata or hf_xet is not installed.
+        """
+        if not is_xet_available():
+            return False
+        what = f"{plan.repo}@{plan.commit[:12]}: {entry.path}"
+        with self._request("HEAD", self._resolve_url(plan, entry), what, stop_at_foreign_redirect=True) as resp:
+            xet = parse_xet_file_data_from_response(resp, endpoint=self.endpoint)  # type: ignore[arg-type]
+        if xet is None:
+            return False
+        part = fill.part_path(entry)
+        part.unlink(missing_ok=True)
+        try:
+            xet_get(incomplete_path=part, xet_file_data=xet, expected_size=entry.size,
+                    headers=build_hf_headers(token=self._token or False, library_name="model-cache-agent"),
+                    displayed_filename=entry.path)
+        except Exception as exc:
+            part.unlink(missing_ok=True)
+            raise self._classify(exc, f"{what} (xet)") from exc
+        progress.advance(entry.size)
         fill.adopt(entry)
+        return True
 
     def _watch_child(self, proc: subprocess.Popen[bytes], what: str, progress: Progress,
-                     stop: threading.Event) -> bool:
+                     stop: threading.Event, grow: _GrowingFileHasher | None) -> bool:
         """Relay progress lines; kill the child after ``settings.timeout`` s without one (a stall)."""
         assert proc.stdout is not None
         fd = proc.stdout.fileno()
@@ -538,6 +660,8 @@ class HubSource:
                     done = True
                 elif line.isdigit():
                     progress.advance(int(line))
+            if grow is not None:
+                grow.advance()
 
 
 def open_source(ref: SourceRef, settings: SourceSettings) -> HubSource:
