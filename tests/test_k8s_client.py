@@ -100,3 +100,45 @@ def test_kubeconfig_is_loaded(tmp_path: Path) -> None:
     )
     api = make_api(in_cluster=False, kubeconfig=str(cfg))
     assert api.api_client.configuration.host == "http://127.0.0.1:1"
+
+
+def test_emulator_contract_the_agent_relies_on() -> None:
+    """What the e2e tests assume of the emulator, through the official client."""
+    from kubernetes.client.exceptions import ApiException
+
+    with KubeEmulator() as kube:
+        api = make_api(kube.url, request_timeout=2.0)
+        kube.create_node("n1", {"a": "1"})
+        # The client's default patch type for a dict is strategic merge: labels merge, not replace.
+        api.core.patch_node("n1", {"metadata": {"labels": {"b": "2"}}}, _preload_content=False)
+        assert kube.requests[-1].content_type == "application/strategic-merge-patch+json"
+        assert kube.node_labels("n1") == {"a": "1", "b": "2"}
+        assert [labels for _, labels in kube.labels_over_time("n1")] == [{"a": "1"}, {"a": "1", "b": "2"}]
+        # Status subresource: a replace with a stale resourceVersion is a 409; status is separate from spec.
+        obj = api.custom.create_cluster_custom_object(
+            "modelcache.dev",
+            "v1alpha1",
+            "cachedmodels",
+            {"metadata": {"name": "m"}, "spec": {"repo": "a/b"}, "status": {"ignored": True}},
+        )
+        assert "status" not in obj and obj["metadata"]["generation"] == 1
+        stale = obj["metadata"]["resourceVersion"]
+        api.custom.patch_cluster_custom_object(
+            "modelcache.dev", "v1alpha1", "cachedmodels", "m", {"spec": {"revision": "v1"}, "status": {"x": 1}}
+        )
+        cur = api.custom.get_cluster_custom_object("modelcache.dev", "v1alpha1", "cachedmodels", "m")
+        assert cur["metadata"]["generation"] == 2 and "status" not in cur
+        with pytest.raises(ApiException) as e:
+            api.custom.replace_cluster_custom_object_status(
+                "modelcache.dev",
+                "v1alpha1",
+                "cachedmodels",
+                "m",
+                {**cur, "metadata": {**cur["metadata"], "resourceVersion": stale}, "status": {"x": 1}},
+            )
+        assert e.value.status == 409
+        done = api.custom.replace_cluster_custom_object_status(
+            "modelcache.dev", "v1alpha1", "cachedmodels", "m", {**cur, "status": {"x": 1}}
+        )
+        assert done["status"] == {"x": 1} and done["metadata"]["generation"] == 2
+        api.close()

@@ -182,6 +182,22 @@ def test_bookmarks_advance_the_version_so_no_relist_is_needed(kube: KubeEmulator
     assert watcher.lists == 1  # without bookmark handling this watch would be 410 and relist
 
 
+def test_periodic_resync_relists_and_hands_the_full_set_again(kube: KubeEmulator, api: KubeApi) -> None:
+    now = [0.0]
+    rec = Recorder()
+    watcher = CachedModelWatcher(
+        api, rec, stop=threading.Event(), backoff=FAST, resync=10.0, watch_timeout=1, clock=lambda: now[0]
+    )
+    create(kube, cm("a"))
+    watcher.run_once()
+    watcher.run_once()
+    assert watcher.lists == 1
+    now[0] += 11
+    watcher.run_once()
+    assert watcher.lists == 2
+    assert [set(s) for s in rec.snaps] == [{"a"}, {"a"}]  # level-triggered: the loop re-checks everything
+
+
 def test_list_errors_back_off_and_recover(kube: KubeEmulator, api: KubeApi) -> None:
     create(kube, cm("a"))
     kube.fail_next("GET", "/cachedmodels$", 500, count=3)

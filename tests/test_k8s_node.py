@@ -206,6 +206,8 @@ def test_run_loop_coalesces_bursts(kube: KubeEmulator, api: KubeApi) -> None:
         assert wait_labels(kube, {**FOREIGN, f"{P}/m19": "ready"}, 5)
         time.sleep(0.3)
         assert len(patches(kube)) - before <= 2
+        seen = {k for _, labels in kube.labels_over_time(NODE) for k in labels if k.startswith(P)}
+        assert len(seen - {f"{P}/stale-model"}) <= 2  # workers never saw most intermediate states
     finally:
         stop.set()
         thread.join(5)

@@ -678,3 +678,28 @@ def running(**kwargs: Any) -> Iterator[KubeEmulator]:
         yield emu
     finally:
         emu.stop()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run standalone (``python -m tests.peers.kube_emulator --port 8080 --node gpu-1``) for manual tries
+    or agents started as processes; prints the URL, serves until interrupted."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    ap.add_argument("--port", type=int, default=0)
+    ap.add_argument("--node", action="append", default=[], help="create a Node (repeatable)")
+    args = ap.parse_args(argv)
+    emu = KubeEmulator(port=args.port).start()
+    for name in args.node:
+        emu.create_node(name, {"kubernetes.io/hostname": name})
+    print(emu.url, flush=True)
+    try:
+        threading.Event().wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        emu.stop()
+
+
+if __name__ == "__main__":
+    main()
