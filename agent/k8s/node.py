@@ -142,7 +142,7 @@ class NodeReporter:
             self._annotations = dict(meta.get("annotations") or {})
 
     def flush(self, stop: threading.Event | None = None) -> bool:
-        """Write once if needed; True when the Node now matches the wish (or nothing had to be done).
+        """Write once if needed; False only when the API failed (a wish newer than this flush stays pending).
 
         Never raises for API errors: a failure is remembered (needResync) and the next call retries,
         so the loop can keep filling models through an API outage and converge afterwards.
@@ -199,7 +199,7 @@ class NodeReporter:
             self._last_error = None
             if meta:
                 self._patches += 1
-            return self._version == version
+        return True
 
     def run(self, stop: threading.Event) -> None:
         """Flush whenever woken by ``set_desired``, on heartbeat, and after failures with backoff."""
