@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -347,6 +349,26 @@ def test_bearer_token_from_file_and_rotation(world: World) -> None:
     with pytest.raises(AuthError):
         src.resolve(REPO, "main", FileFilter())
     assert len(world.server.calls("EnsureModelDownloaded")) == 3  # auth failures are not retried
+
+
+def test_https_address_uses_tls(world: World, tmp_path: Path) -> None:
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    made = subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
+         "-days", "1", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
+        capture_output=True, check=False,
+    ) if shutil.which("openssl") else None
+    if made is None or made.returncode != 0:
+        pytest.skip("openssl cannot make a test certificate here")
+    with MxServer(world.server.root, tls=(key.read_bytes(), cert.read_bytes())) as tls_server:
+        port = tls_server.port
+        src = ModelExpressSource(f"https://127.0.0.1:{port}", world.settings(), root_certificates=cert.read_bytes())
+        assert src.tls and src.label == f"modelexpress:127.0.0.1:{port}"
+        plan = src.resolve(REPO, "main", FileFilter())
+        assert world.store.check(world.fill(src, plan), full=True).ok
+        plaintext = ModelExpressSource(f"http://127.0.0.1:{port}", world.settings(retries=1))
+        with pytest.raises(TransientSourceError):  # a TLS-only server does not speak plaintext
+            plaintext.resolve(REPO, "main", FileFilter())
 
 
 # -- configuration -------------------------------------------------------------------------------

@@ -303,8 +303,9 @@ class ModelExpressSource:
         keep_finished = False
         try:
             for chunk in guard:
+                data = chunk.data  # read once: each access of a bytes field copies it out of the message
                 step = validator.accept(
-                    chunk.relative_path, chunk.offset, chunk.total_size, len(chunk.data),
+                    chunk.relative_path, chunk.offset, chunk.total_size, len(data),
                     last_chunk=chunk.is_last_chunk, last_file=chunk.is_last_file,
                     commit=chunk.commit_hash if chunk.HasField("commit_hash") else None,
                 )
@@ -312,9 +313,9 @@ class ModelExpressSource:
                     entry = remaining[step.path]
                     writer = fill.open(entry)
                 assert writer is not None and entry is not None
-                if chunk.data:
-                    writer.write(chunk.data)
-                    progress.advance(len(chunk.data))
+                if data:
+                    writer.write(data)
+                    progress.advance(len(data))
                 if step.ends:
                     digests = writer.finish()
                     writer = None

@@ -269,7 +269,8 @@ class MxServer:
     """The test server; ``start``/``stop`` or a ``with`` block. ``address`` is 'host:port'."""
 
     def __init__(self, root: Path | str, *, host: str = "127.0.0.1", port: int = 0, workers: int = 8,
-                 faults: Faults | None = None) -> None:
+                 faults: Faults | None = None, tls: tuple[bytes, bytes] | None = None) -> None:
+        """``tls`` is (private key PEM, certificate PEM): serve TLS only, as behind an https:// address."""
         self.root = Path(root)
         self.faults = faults or Faults()
         self.log: list[Call] = []
@@ -286,7 +287,11 @@ class MxServer:
         )
         model_pb2_grpc.add_ModelServiceServicer_to_server(_Service(self), self._server)
         health_pb2_grpc.add_HealthServicer_to_server(_Health(), self._server)
-        self.port = self._server.add_insecure_port(f"{host}:{port}")
+        if tls is None:
+            self.port = self._server.add_insecure_port(f"{host}:{port}")
+        else:
+            creds = grpc.ssl_server_credentials([tls])
+            self.port = self._server.add_secure_port(f"{host}:{port}", creds)
         self.address = f"{host}:{self.port}"
 
     def calls(self, method: str | None = None) -> list[Call]:
