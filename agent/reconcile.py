@@ -171,6 +171,9 @@ class Reconciler:
             pass  # pinned commit present under another ref: still the right bytes
         rep = self.store.check(m, deep_blobs=dirty.get(spec.repo, set()))
         if not rep.ok:
+            removed = self.store.quarantine(m, rep)
+            if removed:
+                log.warning("reconcile.quarantined", model=name, blobs=removed)
             return False, "; ".join(rep.problems()[:5])
         st = self._statuses.get(name)
         if st is not None:

@@ -92,7 +92,7 @@ class FileWatcher:
         self._mu = threading.Lock()
         self._observer = Observer()
         self._observer.daemon = True
-        self._observer.schedule(_FileHandler(self._poke), str(path.parent), recursive=True)
+        self._observer.schedule(_FileHandler(self._poke), str(path.parent), recursive=False)
 
     def _poke(self) -> None:
         with self._mu:

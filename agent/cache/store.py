@@ -231,6 +231,25 @@ class Store:
                 rep.bad_refs.append((ref, f"points to {got}, expected {manifest.commit}"))
         return rep
 
+    def quarantine(self, manifest: Manifest, report: VerifyReport) -> list[str]:
+        """Delete blobs whose *content* failed verification, so a repair cannot trust them by stat.
+
+        Size, mtime and inode can all survive bit rot; once a content hash disagreed, the blob is
+        garbage. Returns the blob names removed (the snapshot is already unlabelled by the caller).
+        """
+        by = manifest.by_path()
+        removed = []
+        for path, why in report.mismatches:
+            f = by.get(path)
+            if f is None or not why.startswith(("xxh3 ", "sha256 ", "git-sha1 ", "size ")):
+                continue
+            try:
+                self.layout.blob_path(manifest.repo, f.digest).unlink()
+                removed.append(f.digest)
+            except FileNotFoundError:
+                pass
+        return removed
+
     # -- filling ---------------------------------------------------------------------------------
 
     def begin(self, plan: ModelPlan) -> Fill:

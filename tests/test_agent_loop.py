@@ -1,0 +1,139 @@
+"""The node agent without a cluster: models file -> fill -> labels, metrics, health, restarts, SIGTERM."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from agent.cache.store import Store
+from agent.modelgen import MiB, make_hub_model
+from tests.agent_harness import running_agent, settings_for, wait_until
+from tests.conftest import agent_cmd
+
+
+@pytest.fixture
+def pvc(tmp_path: Path) -> Path:
+    hub = tmp_path / "pvc" / "hub"
+    make_hub_model(hub, "org/a", weight_bytes=1 * MiB, seed=1)
+    make_hub_model(hub, "org/b", weight_bytes=1 * MiB, seed=2)
+    return tmp_path / "pvc"
+
+
+def write_models(path: Path, models: list[dict]) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(yaml.safe_dump(models))
+    os.replace(tmp, path)
+
+
+def test_fills_labels_and_exports_metrics(pvc: Path, tmp_path: Path) -> None:
+    mf = tmp_path / "models.yaml"
+    write_models(mf, [{"name": "model-a", "repo": "org/a"}, {"name": "model-b", "repo": "org/b"}])
+    with running_agent(settings_for(tmp_path / "cache", mf, [f"pvc:{pvc}"])) as agent:
+        wait_until(lambda: agent.ready() == {"model-a", "model-b"}, 15)
+        assert agent.get("/healthz")[0] == 200 and agent.get("/readyz")[0] == 200
+        st = agent.node_status()["models"]["model-a"]
+        assert st["state"] == "ready" and st["level"] == "verified" and st["bytes"] > MiB
+        m = agent.metrics()
+        assert m[("modelcache_models_desired", ())] == 2 and m[("modelcache_models_ready", ())] == 2
+        assert m[("modelcache_model_ready", (("model", "model-a"), ("repo", "org/a"), ("revision", "main")))] == 1
+        assert m[("modelcache_fill_bytes_total", (("source", "pvc"),))] >= 2 * MiB
+        assert m[("modelcache_model_verification", (("level", "verified"), ("model", "model-b")))] == 1
+        assert m[("modelcache_cache_bytes", ())] >= 2 * MiB
+        assert m[("modelcache_disk_free_bytes", ())] > 0
+        assert agent.get("/nope")[0] == 404
+
+
+def test_models_file_configmap_swap_adds_and_removes(pvc: Path, tmp_path: Path) -> None:
+    """A ConfigMap volume updates by swapping the ..data symlink; the agent must follow it."""
+    cm = tmp_path / "cm"
+    cm.mkdir()
+
+    def publish(version: int, models: list[dict]) -> None:
+        d = cm / f"..v{version}"
+        d.mkdir()
+        (d / "models.yaml").write_text(yaml.safe_dump(models))
+        tmp = cm / "..data_tmp"
+        os.symlink(d.name, tmp)
+        os.replace(tmp, cm / "..data")
+        if not (cm / "models.yaml").is_symlink():
+            os.symlink("..data/models.yaml", cm / "models.yaml")
+
+    publish(1, [{"name": "model-a", "repo": "org/a"}])
+    with running_agent(settings_for(tmp_path / "cache", cm / "models.yaml", [f"pvc:{pvc}"])) as agent:
+        wait_until(lambda: agent.ready() == {"model-a"}, 15)
+        publish(2, [{"name": "model-b", "repo": "org/b"}])
+        wait_until(lambda: agent.ready() == {"model-b"}, 15)
+        assert ("modelcache_model_ready", (("model", "model-a"), ("repo", "org/a"), ("revision", "main"))) \
+            not in agent.metrics()  # no stale series for a model no longer desired
+
+
+def test_bad_entry_is_named_and_others_still_fill(pvc: Path, tmp_path: Path) -> None:
+    mf = tmp_path / "models.yaml"
+    write_models(mf, [{"name": "model-a", "repo": "org/a"}, {"name": "broken", "repo": "no-org"}])
+    with running_agent(settings_for(tmp_path / "cache", mf, [f"pvc:{pvc}"])) as agent:
+        wait_until(lambda: agent.ready() == {"model-a"}, 15)
+        err = agent.node_status()["models"]["broken"]
+        assert err["state"] == "invalid" and "[1].repo" in err["error"]
+        # a file that no longer parses keeps the last good state
+        mf.write_text("- name: [unclosed\n")
+        time.sleep(1.0)
+        assert agent.ready() == {"model-a"}
+
+
+def test_failing_source_backs_off_and_falls_through(pvc: Path, tmp_path: Path) -> None:
+    mf = tmp_path / "models.yaml"
+    write_models(mf, [{"name": "model-a", "repo": "org/a"}, {"name": "ghost", "repo": "org/ghost"}])
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with running_agent(settings_for(tmp_path / "cache", mf, [f"pvc:{empty}", f"pvc:{pvc}"])) as agent:
+        wait_until(lambda: agent.ready() == {"model-a"}, 15)
+        wait_until(lambda: agent.node_status()["models"]["ghost"].get("state") == "failed", 10)
+        assert "org/ghost" in agent.node_status()["models"]["ghost"]["error"]
+        time.sleep(2.0)
+        fails = agent.metrics()[("modelcache_fill_failures_total", (("reason", "not_found"), ("source", "pvc")))]
+        # two sources per attempt, backoff 0.2/0.5/1.0 s (+-20 %) -> a handful of attempts, not hundreds
+        assert 4 <= fails <= 16
+
+
+def test_restart_relabels_from_disk_without_any_source(pvc: Path, tmp_path: Path) -> None:
+    """After a restart a warm cache is trusted by stat alone: no source is needed to relabel."""
+    mf = tmp_path / "models.yaml"
+    write_models(mf, [{"name": "model-a", "repo": "org/a"}, {"name": "model-b", "repo": "org/b"}])
+    cache = tmp_path / "cache"
+    with running_agent(settings_for(cache, mf, [f"pvc:{pvc}"])) as agent:
+        wait_until(lambda: agent.ready() == {"model-a", "model-b"}, 15)
+    (cache / ".agent" / "node-status.json").unlink()
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    with running_agent(settings_for(cache, mf, [f"pvc:{gone}"])) as agent:
+        waited = wait_until(lambda: agent.ready() == {"model-a", "model-b"}, 5)
+        assert waited < 2.0
+        assert agent.metrics().get(("modelcache_fill_bytes_total", (("source", "pvc"),)), 0) == 0
+
+
+def test_sigterm_stops_cleanly(pvc: Path, tmp_path: Path) -> None:
+    mf = tmp_path / "models.yaml"
+    write_models(mf, [{"name": "model-a", "repo": "org/a"}])
+    cache = tmp_path / "cache"
+    proc = subprocess.Popen(
+        agent_cmd("run", "--no-kubernetes", "--models-file", str(mf), "--source", f"pvc:{pvc}", "--cache-dir",
+                  str(cache), "--metrics-port", "0", "--metrics-host", "127.0.0.1", "--check-interval", "0.5"),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=str(Path(__file__).parents[1]))
+    try:
+        wait_until(lambda: (cache / ".agent" / "node-status.json").exists()
+                   and "model-a" in (cache / ".agent" / "node-status.json").read_text()
+                   and '"ready"' in (cache / ".agent" / "node-status.json").read_text(), 20)
+        proc.send_signal(signal.SIGTERM)
+        _out, err = proc.communicate(timeout=15)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err[-2000:]
+    assert '"agent.stopped"' in err
+    store = Store(cache)
+    assert all(store.check(m).ok for m in store.manifests())
