@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import importlib.util
 import json
 import os
 import random
@@ -208,6 +209,7 @@ class HubSource:
         self._children: set[subprocess.Popen[bytes]] = set()
         self._mu = threading.Lock()
         self._closing = threading.Event()
+        self._hf_transfer_ok = importlib.util.find_spec("hf_transfer") is not None
 
     @property
     def label(self) -> str:
@@ -384,6 +386,7 @@ class HubSource:
     def _fetch_verified(self, plan: ModelPlan, entry: FileEntry, fill: Fill, progress: Progress,
                         stop: threading.Event, *, careful: bool = False) -> None:
         staged = [fill.resume_offset(entry)]
+        use_hf_transfer = [self._hf_transfer_ok and entry.size >= self.hf_transfer_min_size]
 
         def progressed() -> bool:
             now = fill.resume_offset(entry)
@@ -398,7 +401,8 @@ class HubSource:
             offset = fill.resume_offset(entry)
             if offset == entry.size and entry.size > 0:
                 fill.adopt(entry)  # staged in full by an earlier run, just never verified
-            elif offset == 0 and entry.size >= self.hf_transfer_min_size:
+            elif offset == 0 and use_hf_transfer[0]:
+                use_hf_transfer[0] = False  # whatever happens, a retry streams (and resumes) over plain HTTP
                 self._fetch_hf_transfer(plan, entry, fill, progress, stop, hash_while_writing=not careful)
             else:
                 try:
