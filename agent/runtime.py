@@ -12,7 +12,10 @@ import json
 import os
 import signal
 import threading
+import time
+from collections import deque
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import structlog
 
@@ -27,6 +30,9 @@ from agent.scrub import Scrubber
 from agent.sources.factory import open_sources
 from agent.watch import HubWatcher
 
+if TYPE_CHECKING:  # only cluster mode imports the kubernetes client
+    from agent.k8s.node import NodeReporter
+
 log = structlog.get_logger("agent.runtime")
 
 
@@ -37,14 +43,19 @@ class LocalReporter:
         self.path = path
         self.prefix = prefix
         self._last: str | None = None
+        self._ready: list[str] | None = None
+        self._history: deque[dict[str, object]] = deque(maxlen=100)  # label changes, newest last
 
     def report(self, ready: frozenset[str], statuses: dict[str, dict[str, object]]) -> None:
-        doc = json.dumps({"labels": {f"{self.prefix}/{n}": "ready" for n in sorted(ready)}, "models": statuses},
-                         sort_keys=True, indent=1)
+        names = sorted(ready)
+        if names != self._ready:
+            self._ready = names
+            self._history.append({"at": time.time(), "ready": names})
+            log.info("labels", ready=names)
+        doc = json.dumps({"labels": {f"{self.prefix}/{n}": "ready" for n in names}, "models": statuses,
+                          "history": list(self._history)}, sort_keys=True, indent=1)
         if doc != self._last:
             write_text_atomic(self.path, doc, self.path.parent / "staging", fsync=False)
-            if self._last is None or json.loads(self._last)["labels"] != json.loads(doc)["labels"]:
-                log.info("labels", ready=sorted(ready))
             self._last = doc
 
     def event(self, name: str, reason: str, message: str, *, warning: bool = False) -> None:
@@ -82,9 +93,47 @@ def blob_bytes(store: Store) -> int:
     return total
 
 
+def read_node_until_reachable(node: NodeReporter, stop: threading.Event) -> bool:
+    """Read this Node's labels before anything is decided from them; an unreachable API is waited out.
+
+    Selectors are evaluated against these labels, so starting without them would drop every model
+    (and its ready label). A permanent error (no such Node, RBAC) is a configuration problem and
+    raises; a transient one (API server restarting) must not crash-loop the DaemonSet. False if
+    stopped first.
+    """
+    from agent.errors import KubeApiError
+    from agent.k8s.client import WATCH_BACKOFF
+
+    attempt = 0
+    while not stop.is_set():
+        try:
+            node.refresh(stop)
+            return True
+        except KubeApiError as e:
+            if e.permanent:
+                raise
+            attempt += 1
+            pause = WATCH_BACKOFF.delay(attempt)  # jittered, growing: a fleet restarting together spreads out
+            log.warning("agent.api_unreachable", node=node.node_name, error=str(e), retry_in=round(pause, 2))
+            stop.wait(pause)
+    return False
+
+
 def run_agent(settings: RunSettings, *, stop: threading.Event | None = None,
               ready_file: Path | None = None) -> int:
     stop = stop or threading.Event()
+    rec_holder: list[Reconciler] = []
+
+    def on_signal(signum: int, _frame: object) -> None:
+        log.info("agent.stopping", signal=signal.Signals(signum).name)
+        stop.set()
+        for r in rec_holder:
+            r.wake()
+
+    # Before any API call: a SIGTERM while startup waits for the API server is a clean exit 0.
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
     store = Store(settings.cache_dir, reserve_bytes=0)
     validate_cache_dir(store)
     store.sweep_all()
@@ -100,23 +149,26 @@ def run_agent(settings: RunSettings, *, stop: threading.Event | None = None,
 
         api = make_api(settings.kube_host)
         node = NodeReporter(api, settings.node_name, settings.label_prefix)
-        node.refresh(stop)
+        if not read_node_until_reachable(node, stop):
+            api.close()
+            for s in sources:
+                s.close()
+            return 0
         events = EventRecorder(api, node_name=settings.node_name)
-        rec_holder: list[Reconciler] = []
         provider = KubeDesiredProvider(api, node, lambda d: rec_holder[0].set_desired(d), stop=stop,
                                        resync=settings.resync_seconds)
         reporter: object = KubeReporter(api, node, events, provider, stop=stop)
         rec = Reconciler(store, sources, reporter, workers=settings.workers, backoff=settings.backoff,  # type: ignore[arg-type]
                          observer=metrics)
         rec_holder.append(rec)
-        node.start(stop)
-        provider.start()
+        provider.start()  # the Node writer starts with the loop's first report (see KubeReporter.report)
         kube_parts += [api, node, provider]
     else:
         assert settings.models_file is not None
         reporter = LocalReporter(store.layout.agent_dir / "node-status.json", settings.label_prefix)
         rec = Reconciler(store, sources, reporter, workers=settings.workers, backoff=settings.backoff,  # type: ignore[arg-type]
                          observer=metrics)
+        rec_holder.append(rec)
         models = ModelsFileProvider(settings.models_file, rec.set_desired)
         rec.set_desired(models.load())
         models.start()
@@ -138,14 +190,6 @@ def run_agent(settings: RunSettings, *, stop: threading.Event | None = None,
         "interval": settings.scrub_interval, "full_interval": settings.full_scrub_interval}, daemon=True,
         name="scrub").start()
 
-    def on_signal(signum: int, _frame: object) -> None:
-        log.info("agent.stopping", signal=signal.Signals(signum).name)
-        stop.set()
-        rec.wake()
-
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, on_signal)
-        signal.signal(signal.SIGINT, on_signal)
     log.info("agent.started", node=settings.node_name, cache_dir=str(settings.cache_dir),
              sources=[s.label for s in sources], kubernetes=settings.kubernetes, metrics_port=server.port)
     if ready_file is not None:
