@@ -200,7 +200,32 @@ def cmd_run(args: argparse.Namespace) -> int:
     return run_agent(settings)
 
 
-def cmd_coverage(args: argparse.Namespace) -> int:
-    from agent.k8s.coverage import print_coverage
+def format_coverage(nodes: list[tuple[str, dict[str, str]]], models: Sequence[str] = ()) -> str:
+    """A models x nodes table: 'ready' where the Node carries the label, '-' elsewhere (pure)."""
+    names = sorted({m for _, states in nodes for m in states} | set(models))
+    if not names:
+        return "no models labelled on any node"
+    node_names = [n for n, _ in nodes]
+    head = ["MODEL", *node_names, "READY"]
+    rows = []
+    for m in names:
+        cells = ["ready" if states.get(m) == "ready" else "-" for _, states in nodes]
+        rows.append([m, *cells, f"{cells.count('ready')}/{len(node_names)}"])
+    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in [head, *rows])
 
-    return print_coverage(args.kube_host, args.label_prefix, as_json=args.json)
+
+def cmd_coverage(args: argparse.Namespace) -> int:
+    from agent.k8s.client import make_api
+    from agent.k8s.coverage import read_coverage
+
+    api = make_api(args.kube_host or os.environ.get("MODEL_CACHE_KUBE_HOST") or None)
+    try:
+        nodes = read_coverage(api, args.label_prefix)
+    finally:
+        api.close()
+    if args.json:
+        print(json.dumps({node: states for node, states in nodes}, indent=2, sort_keys=True))
+    else:
+        print(format_coverage(nodes))
+    return EXIT_OK
