@@ -483,3 +483,41 @@ def tree_json(server: HubServer, repo_id: str, commit: str) -> str:
         p: ({"size": f.size, "blob_id": f.oid, "lfs_sha256": f.sha256, "lfs_size": f.size} if f.sha256
             else {"size": f.size, "blob_id": f.oid}) for p, f in sorted(files.items())}}
     return json.dumps(data, indent=1)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Serve model folders until killed, for e2e scripts in other processes:
+
+        python -m tests.peers.hub_server --repo org/name=DIR [--repo ...] [--tag v1.0] [--token T] [--cdn]
+
+    Prints one JSON line ``{"url": ..., "cdn_url": ..., "commits": {repo: commit}}`` once ready.
+    """
+    import argparse
+    import signal
+
+    ap = argparse.ArgumentParser(description="loopback Hugging Face Hub for tests")
+    ap.add_argument("--repo", action="append", required=True, help="org/name=DIR (repeatable)")
+    ap.add_argument("--tag", action="append", default=[], help="extra ref for every repo (repeatable)")
+    ap.add_argument("--token", default=None, help="repos become gated behind this Bearer token")
+    ap.add_argument("--cdn", action="store_true", help="redirect LFS downloads to the CDN origin")
+    ap.add_argument("--page-size", type=int, default=1000)
+    args = ap.parse_args(argv)
+    server = HubServer(token=args.token, page_size=args.page_size).start()
+    commits = {}
+    for spec in args.repo:
+        repo_id, _, src = spec.partition("=")
+        commits[repo_id] = server.add_repo(repo_id, Path(src), tags=args.tag, gated=args.token is not None,
+                                           cdn=args.cdn)
+    print(json.dumps({"url": server.url, "cdn_url": server.cdn_url, "commits": commits}), flush=True)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        stop.wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.stop()
+
+
+if __name__ == "__main__":
+    main()
