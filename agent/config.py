@@ -110,6 +110,7 @@ class RunSettings:
     scrub_bytes_per_second: int = 200 * 1024 * 1024
     full_scrub_interval: float = 0.0  # sha256/git-sha1 re-read; 0 disables
     disk_budget_bytes: int = 0  # 0: no budget beyond free space
+    evict_min_age: float = 600.0  # never evict a snapshot verified less than this long ago
     termination_budget: float = 45.0
     backoff: tuple[float, ...] = (1.0, 2.0, 5.0, 15.0, 60.0, 300.0)
     extra: dict[str, Any] = field(default_factory=dict)
@@ -117,7 +118,8 @@ class RunSettings:
 
 _FILE_KEYS = {
     "cacheDir", "sources", "labelPrefix", "metricsPort", "workers", "scrubInterval", "scrubBytesPerSecond",
-    "fullScrubInterval", "diskBudgetBytes", "terminationBudgetSeconds", "checkInterval", "resyncSeconds",
+    "fullScrubInterval", "diskBudgetBytes", "evictMinAgeSeconds", "terminationBudgetSeconds", "checkInterval",
+    "resyncSeconds",
 }
 
 
@@ -197,4 +199,5 @@ def load_run_settings(args: Any, env: Mapping[str, str]) -> RunSettings:
         disk_budget_bytes=parse_size(
             args.disk_budget if args.disk_budget is not None else f.get("diskBudgetBytes", 0), "--disk-budget"),
         termination_budget=_num(f.get("terminationBudgetSeconds", 45), "terminationBudgetSeconds"),
+        evict_min_age=_num(f.get("evictMinAgeSeconds", 600), "evictMinAgeSeconds"),
     )

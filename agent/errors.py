@@ -76,9 +76,16 @@ class IntegrityError(AgentError):
 
 
 class DiskFullError(AgentError):
-    """Not enough free space (checked before writing, or ENOSPC while writing)."""
+    """Not enough free space (checked before writing, or ENOSPC while writing).
+
+    ``shortfall`` is how many more bytes the fill needs, when known, so the loop can evict that much.
+    """
 
     permanent = False
+
+    def __init__(self, message: str, *, shortfall: int = 0) -> None:
+        super().__init__(message)
+        self.shortfall = shortfall
 
 
 class LockedError(AgentError):

@@ -32,7 +32,7 @@ METRIC_NAMES = frozenset({
     "modelcache_fill_bytes_total", "modelcache_fill_failures_total", "modelcache_verify_failures_total",
     "modelcache_repairs_total", "modelcache_scrub_bytes_total", "modelcache_fill_duration_seconds",
     "modelcache_cache_bytes", "modelcache_disk_free_bytes", "modelcache_disk_total_bytes",
-    "modelcache_last_reconcile_timestamp_seconds",
+    "modelcache_last_reconcile_timestamp_seconds", "modelcache_evictions_total",
 })
 
 
@@ -98,6 +98,8 @@ class Metrics:
         self.verify_failures = Counter(f"{PREFIX}verify_failures", "Models found damaged or mismatched",
                                        ["reason"], registry=r)
         self.repairs = Counter(f"{PREFIX}repairs", "Damaged models repaired", registry=r)
+        self.evictions = Counter(f"{PREFIX}evictions", "Snapshots evicted to stay within the disk budget",
+                                 registry=r)
         self.scrub_bytes = Counter(f"{PREFIX}scrub_bytes", "Bytes re-read by the scrub", registry=r)
         self.fill_duration = Histogram(f"{PREFIX}fill_duration_seconds", "Duration of successful fills",
                                        ["source"], registry=r,
@@ -116,6 +118,9 @@ class Metrics:
 
     def repaired(self) -> None:
         self.repairs.inc()
+
+    def evicted(self) -> None:
+        self.evictions.inc()
 
     def scrubbed(self, nbytes: int) -> None:
         self.scrub_bytes.inc(nbytes)

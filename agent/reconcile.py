@@ -21,6 +21,7 @@ import structlog
 from agent.cache.store import Store
 from agent.desired import DesiredState, ModelStatus, backoff_delay, plan_actions
 from agent.errors import AgentError, DiskFullError
+from agent.eviction import Candidate, plan_eviction
 from agent.fill import FillFailed, FillResult, fill_model
 from agent.sources.base import Source
 from agent.spec import ModelSpec, is_commit
@@ -43,6 +44,7 @@ class Observer(Protocol):
     def fill_failed(self, source: str, reason: str) -> None: ...
     def verify_failed(self, reason: str) -> None: ...
     def repaired(self) -> None: ...
+    def evicted(self) -> None: ...
 
 
 class NullObserver:
@@ -56,6 +58,9 @@ class NullObserver:
         pass
 
     def repaired(self) -> None:
+        pass
+
+    def evicted(self) -> None:
         pass
 
 
@@ -90,6 +95,7 @@ class Reconciler:
         backoff: tuple[float, ...] = (1.0, 2.0, 5.0, 15.0, 60.0, 300.0),
         observer: Observer | None = None,
         clock: Callable[[], float] = time.monotonic,
+        evict_min_age: float = 600.0,
     ) -> None:
         self.store = store
         self.sources = list(sources)
@@ -97,6 +103,7 @@ class Reconciler:
         self.backoff = backoff
         self.observer = observer or NullObserver()
         self.clock = clock
+        self.evict_min_age = evict_min_age
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fill")
         self._mu = threading.RLock()
         self._wake = threading.Event()
@@ -266,8 +273,14 @@ class Reconciler:
                 raise FillFailed(spec.repo, spec.revision, [])
             if pin is None and not is_commit(spec.revision):
                 pin = self._resolve_pin(name, spec, sources)
-            res: FillResult = fill_model(self.store, sources, spec.repo, spec.revision, spec.files, pin=pin,
-                                         progress=_Progress(st), stop=self._stop)
+            try:
+                res: FillResult = fill_model(self.store, sources, spec.repo, spec.revision, spec.files, pin=pin,
+                                             progress=_Progress(st), stop=self._stop)
+            except DiskFullError as e:
+                if not (e.shortfall > 0 and self.store.budget_bytes > 0 and self._evict(spec, e.shortfall)):
+                    raise
+                res = fill_model(self.store, sources, spec.repo, spec.revision, spec.files, pin=pin,
+                                 progress=_Progress(st), stop=self._stop)
             with self._mu:
                 self._filled_spec[name] = spec
                 st.commit, st.bytes, st.level, st.source = res.manifest.commit, res.manifest.total_bytes, \
@@ -301,6 +314,40 @@ class Reconciler:
             with self._mu:
                 self._in_flight.pop(name, None)
             self.wake()
+
+    def _evict(self, spec: ModelSpec, shortfall: int) -> bool:
+        """Free ``shortfall`` bytes under the budget by the eviction policy; True if anything was removed."""
+        with self._mu:
+            desired = self._desired.models
+            in_use = {(s.repo, st.commit) for n, s in desired.items()
+                      if (st := self._statuses.get(n)) is not None and st.commit}
+            busy = {desired[n].repo for n in self._in_flight if n in desired and n != spec.name}
+        prio: dict[tuple[str, str], int] = {}
+        for n, s in desired.items():
+            st = self._statuses.get(n)
+            if st is not None and st.commit:
+                prio[(s.repo, st.commit)] = max(prio.get((s.repo, st.commit), -(2**31)), s.priority)
+        cands = [
+            Candidate(m.repo, m.commit, frozenset((f.digest, f.size) for f in m.files), m.verified_at,
+                      prio.get((m.repo, m.commit)) if (m.repo, m.commit) in in_use else None)
+            for m in self.store.manifests() if m.repo not in busy
+        ]
+        plan = plan_eviction(cands, shortfall, for_priority=spec.priority, now=time.time(),
+                             min_age=self.evict_min_age)
+        for c in plan:
+            with self.store.lock(c.repo, timeout=5):
+                freed = self.store.remove_snapshot(c.repo, c.commit)
+            log.warning("reconcile.evicted", repo=c.repo, commit=c.commit, freed=freed, for_model=spec.name,
+                        priority=c.priority)
+            self.observer.evicted()
+            for n, s in desired.items():
+                st = self._statuses.get(n)
+                if s.repo == c.repo and st is not None and st.commit == c.commit:
+                    self.reporter.event(n, "Evicted", f"{c.repo}@{c.commit[:12]} evicted to make room for "
+                                        f"{spec.name} (priority {spec.priority})", warning=True)
+        if plan:
+            self.wake()
+        return bool(plan)
 
     def idle(self) -> bool:
         with self._mu:

@@ -7,6 +7,7 @@ the new one visible under ``hub/``. Partial files only ever live in ``.agent/sta
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import hashlib
@@ -75,10 +76,12 @@ class Store:
         reserve_bytes: int = 0,
         write_fn: WriteFn = os.write,
         clock: Callable[[], float] = time.time,
+        budget_bytes: int = 0,
     ) -> None:
         self.layout = CacheLayout(Path(root))
         self.fsync = fsync
         self.reserve_bytes = reserve_bytes
+        self.budget_bytes = budget_bytes  # 0: no budget beyond the filesystem's free space
         self.write_fn = write_fn
         self.clock = clock
 
@@ -294,8 +297,22 @@ class Store:
             rmtree_quiet(lay.repo_dir(repo))
         return freed
 
+    def used_bytes(self) -> int:
+        """Bytes of published blobs plus staging: what counts against the disk budget."""
+        total = 0
+        for top in (self.layout.hub, self.layout.staging_root):
+            for dirpath, _dirs, files in os.walk(top):
+                for name in files:
+                    with contextlib.suppress(FileNotFoundError):
+                        total += os.lstat(os.path.join(dirpath, name)).st_size
+        return total
+
     def free_bytes(self) -> int:
-        return shutil.disk_usage(self.layout.root).free
+        """Free space for new blobs: the filesystem's, capped by what the budget still allows."""
+        free = shutil.disk_usage(self.layout.root).free
+        if self.budget_bytes > 0:
+            free = min(free, self.budget_bytes - self.used_bytes())
+        return free
 
 
 class Fill:
@@ -336,9 +353,11 @@ class Fill:
         need = sum(e.size for e in entries) - sum(self._staged_size(e) for e in entries)
         free = self.store.free_bytes()
         if need + self.store.reserve_bytes > free:
+            budget = f" (budget {self.store.budget_bytes})" if self.store.budget_bytes else ""
             raise DiskFullError(
                 f"{self.plan.repo}@{self.plan.commit[:12]} needs {need} bytes for {len(entries)} files "
-                f"plus {self.store.reserve_bytes} reserve; only {free} free under {self.store.layout.root}"
+                f"plus {self.store.reserve_bytes} reserve; only {free} free under {self.store.layout.root}{budget}",
+                shortfall=need + self.store.reserve_bytes - free,
             )
 
     def _reusable_blobs(self) -> dict[str, ManifestFile]:
