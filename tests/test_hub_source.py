@@ -208,6 +208,17 @@ def test_cut_connection_resumes_with_range(hub: HubServer, store: Store, hub_mod
     src.close()
 
 
+def test_server_ignoring_range_restarts_the_file(hub: HubServer, store: Store) -> None:
+    hub.add_fault("cut", f"*/resolve/*/{WEIGHTS}", after=3 * MiB)
+    hub.add_fault("norange", f"*/resolve/*/{WEIGHTS}")
+    src = make_source(hub)
+    m = fill(src, store, "org/tiny")
+    assert store.check(m, full=True).ok  # the 200 body was written from byte 0, not appended
+    first, second = weights_gets(hub)
+    assert (first.fault, second.fault, second.status) == ("cut", "norange", 200) and second.range
+    src.close()
+
+
 def test_cut_chunk_is_retried_by_hf_transfer(hub: HubServer, store: Store) -> None:
     hub.add_fault("cut", "/cdn/*", range_start=CHUNK, after=MiB)
     src = make_source(hub, hf_transfer=True)

@@ -39,7 +39,7 @@ from aiohttp import web
 
 from agent.modelgen import fake_commit, file_digests
 
-FaultKind = Literal["status", "cut", "stall", "corrupt"]
+FaultKind = Literal["status", "cut", "stall", "corrupt", "norange"]
 Origin = Literal["hub", "cdn"]
 CHUNK = 1024 * 1024
 
@@ -83,7 +83,8 @@ class Fault:
     ``path`` is an fnmatch pattern over the decoded URL path (e.g. ``*/resolve/*config.json``).
     ``status``: answer ``status`` with ``headers`` instead. ``cut``: send ``after`` body bytes then drop the
     connection. ``stall``: send ``after`` bytes then go silent for ``seconds``. ``corrupt``: flip one byte
-    of a body of at least 2 bytes (same size). ``range_start`` restricts to requests whose Range starts there.
+    of a body of at least 2 bytes (same size). ``norange``: ignore the Range header and send the whole file
+    with 200 (as some proxies do). ``range_start`` restricts to requests whose Range starts there.
     """
 
     kind: FaultKind
@@ -422,6 +423,8 @@ class HubServer:
     async def _send_file(self, rec: RequestRecord, request: web.Request, f: ServedFile,
                          headers: dict[str, str]) -> web.StreamResponse:
         rng = parse_range(request.headers.get("Range"), f.size)
+        if rng is not None and request.method == "GET" and self._take_fault(rec, ("norange",), f.size):
+            rng = None
         if rng == "bad":
             return self._error(rec, 416, None, "range not satisfiable", {"Content-Range": f"bytes */{f.size}"})
         start, end = (0, f.size - 1) if rng is None else rng
