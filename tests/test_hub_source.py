@@ -11,6 +11,7 @@ import time
 import traceback
 from pathlib import Path
 
+import httpx2
 import pytest
 import structlog
 from huggingface_hub import scan_cache_dir, snapshot_download
@@ -180,6 +181,22 @@ def test_5xx_that_never_ends_is_a_transient_error(hub: HubServer) -> None:
         src.resolve("org/tiny", "main", FileFilter())
     assert not ei.value.permanent and isinstance(ei.value.__cause__, HfHubHTTPError)
     assert len(hub.requests(path="*/revision/*")) == 3
+    src.close()
+
+
+def test_connection_refused_is_retried_then_transient() -> None:
+    import socket
+
+    with socket.socket() as sock:  # a port that was free a moment ago: nothing listens there
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    slept: list[float] = []
+    src = HubSource(SourceSettings(hf_endpoint=f"http://127.0.0.1:{port}", retries=3, backoff=(0.5, 1.0)),
+                    sleep=slept.append)
+    with pytest.raises(TransientSourceError, match="ConnectError") as ei:
+        src.resolve("org/tiny", "main", FileFilter())
+    assert isinstance(ei.value.__cause__, httpx2.ConnectError)
+    assert len(slept) == 2 and 0.5 <= slept[0] <= 0.625 and 1.0 <= slept[1] <= 1.25  # backoff + jitter
     src.close()
 
 
