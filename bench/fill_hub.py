@@ -104,7 +104,7 @@ def main() -> None:
         o, u = statistics.median(official), statistics.median(ours)
         print(f"official snapshot_download : {o:7.2f} s  {mib / o:8.0f} MiB/s  (median; size check only)")
         print(f"ours (hub source + store)  : {u:7.2f} s  {mib / u:8.0f} MiB/s  (median; sha256 verified, fsync)")
-        print(f"ratio ours/official        : {u / o:7.2f}  (median of medians; target <= 1.0)")
+        print(f"ratio ours/official        : {u / o:7.2f}  (ratio of the medians; target <= 1.0)")
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
