@@ -294,6 +294,9 @@ class Reconciler:
                                 f"{res.fetched_bytes} bytes from {res.source} in {res.seconds:.1f}s "
                                 f"({res.manifest.level})")
         except (FillFailed, DiskFullError, AgentError) as e:
+            if self._stop.is_set():
+                blog.info("reconcile.fill_abandoned", error=str(e))
+                return
             attempts = e.attempts if isinstance(e, FillFailed) else [("store", e)]
             for label, err in attempts:
                 self.observer.fill_failed(label.split(":", 1)[0], getattr(err, "reason", "disk_full"
@@ -305,6 +308,9 @@ class Reconciler:
             blog.warning("reconcile.fill_failed", error=str(e), attempt=st.attempts)
             self.reporter.event(name, "FillFailed", str(e), warning=True)
         except Exception as e:  # a bug must not kill the worker pool; surface it as a failure
+            if self._stop.is_set():  # sources are being closed under us: an abandoned fill, not a bug
+                blog.info("reconcile.fill_abandoned", error=str(e))
+                return
             blog.exception("reconcile.fill_crashed")
             with self._mu:
                 st.attempts += 1
