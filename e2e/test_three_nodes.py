@@ -358,6 +358,43 @@ def test_cachedmodel_converges_on_selected_nodes_only(cluster: Cluster) -> None:
     cluster.assert_all_running()
 
 
+def test_damaged_node_is_unlabelled_until_repaired(cluster: Cluster) -> None:
+    """A blob lost on node-0 takes node-0 (only) out of the pool until the agent has repaired it."""
+    history_start = len(cluster.kube.labels_over_time("node-1"))
+
+    def node0_fills() -> int:
+        return sum(1 for r in ("FillSucceeded", "Repaired") for e in cluster.events(r, "tiny-a")
+                   if e["source"]["host"] == "node-0")
+
+    fills_before = node0_fills()
+    on_pvc = cluster.pvc / "hub" / "models--org--tiny-a"
+    hidden = on_pvc.with_name("models--org--tiny-a.away")
+    on_pvc.rename(hidden)  # the shared copy is briefly unavailable too, so the repair cannot be instant
+    try:
+        blobs = cluster.agents["node-0"].cache / "hub" / "models--org--tiny-a" / "blobs"
+        max(blobs.iterdir(), key=lambda p: p.stat().st_size).unlink()
+        wait_until(lambda: cluster.warm("tiny-a") == {"node-1"}, CONVERGE, "node-0 unlabelled after damage")
+        assert cluster.fitting({ready_key("tiny-a"): "ready"}) == {"node-1"}
+        assert cluster.status("node-0")["tiny-a"]["state"] in ("damaged", "filling", "failed")
+        wait_until(lambda: any(e["source"]["host"] == "node-0" for e in cluster.events("VerifyFailed", "tiny-a")),
+                   CONVERGE, "VerifyFailed event from node-0")
+    finally:
+        hidden.rename(on_pvc)
+    wait_until(lambda: cluster.warm("tiny-a") == GPU_NODES, CONVERGE, "node-0 relabelled after repair")
+    wait_until(lambda: node0_fills() > fills_before, 5, "node-0 recorded the refill")
+    assert cluster.status("node-0")["tiny-a"]["state"] == "ready"
+    for _, labels in cluster.kube.labels_over_time("node-1")[history_start:]:
+        assert labels.get(ready_key("tiny-a")) == "ready", "node-1 was not damaged and must not flap"
+    cluster.assert_all_running()
+
+
+@pytest.mark.xfail(strict=True, reason="reconcile.py: a repair whose first attempt failed (state damaged -> failed) "
+                   "is reported as FillSucceeded and not counted in modelcache_repairs_total")
+def test_repair_after_a_failed_attempt_is_reported_as_repaired(cluster: Cluster) -> None:
+    assert [e for e in cluster.events("Repaired", "tiny-a") if e["source"]["host"] == "node-0"]
+    assert (cluster.agents["node-0"].metric("modelcache_repairs_total") or 0) >= 1
+
+
 @pytest.mark.skipif(MxServer is None, reason="tests.peers.mx_server not available")
 def test_model_from_modelexpress(cluster: Cluster) -> None:
     """A CachedModel that asks for ModelExpress is streamed from the server and verified by the agent."""
@@ -486,8 +523,8 @@ def test_deleting_cachedmodels_removes_labels_only(cluster: Cluster) -> None:
 
 def test_sigterm_exits_zero_within_budget(cluster: Cluster) -> None:
     """SIGTERM with fills in flight: exit 0 within terminationBudgetSeconds, nothing half-published."""
-    if cluster.mx is not None:  # a fill that cannot finish within the budget (7 chunks, 4 s apart)
-        cluster.mx.faults.chunk_delay = 4.0
+    if cluster.mx is not None:  # a fill that cannot finish within the budget (7 chunks, 6 s apart)
+        cluster.mx.faults.chunk_delay = 6.0
         cluster.create(cached_model("slow", REPO_SLOW, sources=["modelexpress"]))
         wait_until(lambda: all(cluster.status(n).get("slow", {}).get("state") == "filling" for n in GPU_NODES),
                    CONVERGE, "slow fill in flight on the GPU nodes")
@@ -495,7 +532,7 @@ def test_sigterm_exits_zero_within_budget(cluster: Cluster) -> None:
     results = stop_agents(list(cluster.agents.values()), TERMINATION_BUDGET + 10)
     for node, (rc, took) in results.items():
         assert rc == 0, f"{node}: exit {rc} after {took:.1f}s\n{cluster.agents[node].tail()}"
-        assert took < TERMINATION_BUDGET + 2.0, f"{node} took {took:.1f}s"
+        assert took < TERMINATION_BUDGET + 5.0, f"{node} took {took:.1f}s"  # the fill alone would need ~40 s
         slow = cluster.agents[node].cache / "hub" / "models--org--tiny-slow"
         assert not (slow / "refs").exists() and not (slow / "snapshots").exists(), f"{node}: partial publish"
         lines = cluster.agents[node].log_lines()
