@@ -124,7 +124,7 @@ def _load_sync_file_range() -> Callable[[int, int, int, int], int] | None:
 
 _sync_file_range = _load_sync_file_range()
 _SYNC_FILE_RANGE_WRITE = 2
-_WRITEBACK_STEP = 64 * MiB
+_WRITEBACK_STEP = 32 * MiB
 
 
 class _GrowingFileHasher:
@@ -133,8 +133,8 @@ class _GrowingFileHasher:
     Only whole chunks before the first hole (SEEK_HOLE) are read: hf_transfer writes each chunk
     with sequential writes after its body arrived, so such chunks are final. A page still being
     copied in is locked and not up to date, so the read waits for it; readahead is off
-    (FADV_RANDOM) so no zero page is ever cached ahead of the writer. With ``writeback`` the hashed
-    prefix is pushed to disk as we go (sync_file_range), so the closing fsync has little left.
+    (FADV_RANDOM) so no zero page is ever cached ahead of the writer. With ``writeback`` whatever
+    has landed is pushed to disk as we go (sync_file_range), so the closing fsync has little left.
     If a filesystem misreports holes the digest mismatches and the retry hashes after the download.
     """
 
@@ -146,11 +146,17 @@ class _GrowingFileHasher:
         os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_RANDOM)
         self.hasher = MultiHasher(entry.algo, entry.size)
         self.pos = 0
-        self.flushed = 0
+        self.landed = 0  # bytes reported by hf_transfer
+        self.kicked = 0  # ``landed`` at the last writeback kick
         self.buf = bytearray(8 * MiB)
 
-    def advance(self, *, final: bool = False) -> None:
+    def advance(self, landed: int = 0, *, final: bool = False) -> None:
         size = self.entry.size
+        self.landed += landed
+        if self.writeback and (final or self.landed - self.kicked >= _WRITEBACK_STEP):
+            assert _sync_file_range is not None
+            _sync_file_range(self.fd, 0, 0, _SYNC_FILE_RANGE_WRITE)  # async: start writing, do not wait
+            self.kicked = self.landed
         if final:
             limit = size
         else:
@@ -166,10 +172,6 @@ class _GrowingFileHasher:
                 break
             self.hasher.update(view[:n])
             self.pos += n
-        if self.writeback and (final or self.pos - self.flushed >= _WRITEBACK_STEP):
-            assert _sync_file_range is not None
-            _sync_file_range(self.fd, self.flushed, self.pos - self.flushed, _SYNC_FILE_RANGE_WRITE)
-            self.flushed = self.pos
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -499,9 +501,16 @@ class HubSource:
 
     # -- hf_transfer -------------------------------------------------------------------------------
 
+    def _chunk_for(self, entry: FileEntry) -> int:
+        """At most ``hf_transfer_chunk_size``, but small enough for ~4 rounds of ``max_files`` chunks:
+        chunks then land in order over the whole transfer and hashing keeps pace, instead of every
+        chunk of a mid-size file finishing at once and all the hashing waiting for the end."""
+        per_round = entry.size // (4 * max(self.hf_transfer_max_files, 1))
+        return max(MiB, min(self.hf_transfer_chunk_size, max(4 * MiB, per_round // MiB * MiB)))
+
     def _scratch(self, fill: Fill, entry: FileEntry) -> Path:
         part = fill.part_path(entry)
-        return part.with_name(f"{part.name}.hft-{self.hf_transfer_chunk_size}")
+        return part.with_name(f"{part.name}.hft-{self._chunk_for(entry)}")
 
     def _salvage(self, fill: Fill, entry: FileEntry) -> None:
         """Turn what a failed or killed hf_transfer left into a clean prefix at ``part_path``.
@@ -558,10 +567,11 @@ class HubSource:
         scratch = self._scratch(fill, entry)
         scratch.unlink(missing_ok=True)
         scratch.touch()
-        grow = (_GrowingFileHasher(scratch, entry, self.hf_transfer_chunk_size, writeback=fill.store.fsync)
+        chunk = self._chunk_for(entry)
+        grow = (_GrowingFileHasher(scratch, entry, chunk, writeback=fill.store.fsync)
                 if hash_while_writing else None)
         req = {"url": url, "filename": str(scratch), "max_files": self.hf_transfer_max_files,
-               "chunk_size": self.hf_transfer_chunk_size, "parallel_failures": self.hf_transfer_max_files,
+               "chunk_size": chunk, "parallel_failures": self.hf_transfer_max_files,
                "max_retries": max(self.settings.retries, 1), "headers": headers}
         with tempfile.TemporaryFile() as errf:
             proc = subprocess.Popen([sys.executable, "-c", _HF_TRANSFER_CHILD], stdin=subprocess.PIPE,
@@ -646,6 +656,7 @@ class HubSource:
         buf = b""
         done = False
         last = time.monotonic()
+        landed = 0
         while True:
             ready, _, _ = select.select([fd], [], [], min(self.settings.timeout, 0.25))
             if stop.is_set() or self._closing.is_set():
@@ -668,8 +679,10 @@ class HubSource:
                     done = True
                 elif line.isdigit():
                     progress.advance(int(line))
+                    landed += int(line)
             if grow is not None:
-                grow.advance()
+                grow.advance(landed)
+                landed = 0
 
 
 def open_source(ref: SourceRef, settings: SourceSettings) -> HubSource:
