@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import threading
 import time
 import traceback
 from pathlib import Path
@@ -25,7 +26,7 @@ from agent.modelgen import MiB
 from agent.sources.base import NullProgress, SourceRef, SourceSettings
 from agent.sources.hub import HubSource, open_source
 from agent.spec import FileFilter
-from tests.peers.hub_server import HubServer, git_blob_sha1
+from tests.peers.hub_server import HubServer, git_blob_sha1, wait_for
 
 hub = hub_fixtures.hub
 hub_session = hub_fixtures.hub_session
@@ -274,6 +275,40 @@ def test_stalled_hf_transfer_is_killed_and_resumed_from_complete_chunks(hub: Hub
     assert len(resumed) == 1 and resumed[0].body_start == CHUNK and resumed[0].status == 206
     assert not resumed[0].authorization
     src.close()
+
+
+@pytest.mark.timeout(20)
+def test_close_kills_a_stalled_transfer_and_keeps_the_staged_chunks(hub: HubServer, store: Store) -> None:
+    """SIGTERM path: close() from another thread ends fetch at once; a restart resumes from chunk 1."""
+    hub.add_fault("stall", "/cdn/*", range_start=CHUNK, after=MiB, seconds=30)
+    src = make_source(hub, timeout=30, hf_transfer=True)
+    plan = src.resolve("org/cdn", "main", FileFilter())
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        with store.lock(plan.repo):
+            f = store.begin(plan)
+            try:
+                src.fetch(plan, f.needed(), f, NullProgress())
+            except BaseException as e:
+                errors.append(e)
+
+    worker = threading.Thread(target=run)
+    worker.start()
+    assert wait_for(lambda: any(r.fault == "stall" for r in hub.requests(origin="cdn")), 10)
+    assert wait_for(lambda: len([r for r in hub.requests(origin="cdn") if r.status == 206]) >= 4, 10)
+    t0 = time.monotonic()
+    src.close()
+    worker.join(5)
+    assert not worker.is_alive() and time.monotonic() - t0 < 5
+    assert isinstance(errors[0], TransientSourceError) and "closed" in str(errors[0])
+    assert not src._children  # no hf_transfer child left behind
+    hub.clear()
+    again = make_source(hub, hf_transfer=True)
+    m = fill(again, store, "org/cdn")
+    assert store.check(m, full=True).ok
+    assert [r.range for r in hub.requests(origin="cdn")] == [f"bytes={CHUNK}-"]
+    again.close()
 
 
 def test_corrupt_body_is_refetched_once_from_scratch(hub: HubServer, store: Store) -> None:

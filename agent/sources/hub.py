@@ -372,7 +372,10 @@ class HubSource:
                 wait(futures)
                 errors = [f.exception() for f in futures if f.done() and not f.cancelled()
                           and f.exception() is not None and not isinstance(f.exception(), _Cancelled)]
-                raise (errors or [failed[0].exception()])[0]  # type: ignore[misc]
+                if not errors:  # only cancellations: close() was called (shutdown)
+                    raise TransientSourceError(f"{plan.repo}@{plan.commit[:12]} at {self.label}: source closed "
+                                               "mid-fill; staged bytes are kept for a resume")
+                raise errors[0]  # type: ignore[misc]
 
     def _fetch_file(self, plan: ModelPlan, entry: FileEntry, fill: Fill, progress: Progress,
                     stop: threading.Event) -> None:
