@@ -385,6 +385,10 @@ def test_damaged_node_is_unlabelled_until_repaired(cluster: Cluster) -> None:
         assert cluster.status("node-0")["tiny-a"]["state"] in ("damaged", "filling", "failed")
         wait_until(lambda: any(e["source"]["host"] == "node-0" for e in cluster.events("VerifyFailed", "tiny-a")),
                    CONVERGE, "VerifyFailed event from node-0")
+        # Until a repair attempt has failed for want of a source: the label stays off meanwhile.
+        wait_until(lambda: any(e["source"]["host"] == "node-0" for e in cluster.events("FillFailed", "tiny-a")),
+                   CONVERGE, "a failed repair attempt on node-0")
+        assert cluster.warm("tiny-a") == {"node-1"}
     finally:
         hidden.rename(on_pvc)
     wait_until(lambda: cluster.warm("tiny-a") == GPU_NODES, CONVERGE, "node-0 relabelled after repair")
@@ -468,7 +472,7 @@ def test_invalid_cachedmodel_is_reported_and_agents_keep_running(cluster: Cluste
     wait_until(lambda: cluster.warm("broken") == GPU_NODES, CONVERGE, "fixed 'broken' ready on the GPU nodes")
     wait_until(lambda: (condition() or {}).get("status") == "True", CONVERGE, "SpecValid back to True")
     assert all(cluster.status(n)["broken"]["state"] == "ready" for n in GPU_NODES)
-    assert "broken" not in cluster.status("node-2")
+    wait_until(lambda: "broken" not in cluster.status("node-2"), CONVERGE, "node-2 (not selected) forgot 'broken'")
     cluster.kube.delete("cachedmodels", "broken", group=GROUP)
     wait_until(lambda: all("broken" not in cluster.status(n) for n in NODES), CONVERGE,
                "'broken' gone from every annotation")
@@ -549,7 +553,5 @@ def test_sigterm_exits_zero_within_budget(cluster: Cluster) -> None:
         stopped = next(r for r in lines if r.get("event") == "agent.stopped")
         if cluster.mx is not None:  # the budget was enforced, not waited out
             assert stopped["fills_finished"] is (node not in GPU_NODES), stopped
-        # No error while running. (After the budget, the abandoned fill's source is closed under it and
-        # reconcile logs that as fill_crashed: known shutdown noise, reported, not asserted here.)
-        running = lines[: events.index("agent.stopping")]
-        assert not [r for r in running if r.get("level") in ("error", "critical")], cluster.agents[node].tail()
+        # No error at all, including the fill abandoned at the budget (its source is closed under it).
+        assert not [r for r in lines if r.get("level") in ("error", "critical")], cluster.agents[node].tail()
