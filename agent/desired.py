@@ -43,6 +43,7 @@ class ModelStatus:
     source: str = ""
     attempts: int = 0
     next_attempt: float = 0.0  # monotonic seconds; 0 means now
+    repairing: bool = False  # was ready, then damaged: the next successful fill is a repair
 
     def compact(self) -> dict[str, object]:
         d: dict[str, object] = {"state": self.state}

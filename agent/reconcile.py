@@ -204,6 +204,7 @@ class Reconciler:
                 st.state, st.last_error, st.attempts, st.progress = "ready", "", 0, 1.0
             elif st.state == "ready":
                 st.state, st.last_error, st.next_attempt = "damaged", why, 0.0
+                st.repairing = why != "spec changed"
                 self.observer.verify_failed("damaged" if why != "spec changed" else "spec_changed")
                 log.warning("reconcile.not_ready", model=name, reason=why)
                 if why != "spec changed":
@@ -250,7 +251,7 @@ class Reconciler:
             if name in self._in_flight:
                 return
             st = self._statuses[name]
-            was_damaged = st.state == "damaged"
+            was_damaged = st.state == "damaged" or st.repairing
             st.state, st.progress = "filling", 0.0
             self._in_flight[name] = self._pool.submit(self._fill, name, spec, pin, was_damaged)
 
@@ -285,7 +286,7 @@ class Reconciler:
                 self._filled_spec[name] = spec
                 st.commit, st.bytes, st.level, st.source = res.manifest.commit, res.manifest.total_bytes, \
                     res.manifest.level, res.source
-                st.attempts, st.last_error, st.state = 0, "", "pending"
+                st.attempts, st.last_error, st.state, st.repairing = 0, "", "pending", False
             self.observer.fill_done(res.source, res.fetched_bytes, res.seconds)
             if was_damaged:
                 self.observer.repaired()
