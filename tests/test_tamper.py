@@ -156,3 +156,17 @@ def test_pacer_holds_the_rate() -> None:
         pace(10)
     assert abs(now[0] - 3.0) < 1e-6  # 300 bytes at 100 B/s
     assert Pacer(0, clock=lambda: 0.0, sleep=sleep)(10**9) is None
+
+
+def test_repair_that_first_fails_is_still_a_repair(setup: tuple[Path, Path], tmp_path: Path) -> None:
+    pvc, mf = setup
+    cache = tmp_path / "cache"
+    with running_agent(settings_for(cache, mf, [f"pvc:{pvc}"])) as agent:
+        wait_until(lambda: agent.ready() == {NAME}, 15)
+        hidden = tmp_path / "pvc-away"
+        pvc.rename(hidden)  # the source disappears...
+        delete_blob(Store(cache))  # ...and the cache is damaged
+        wait_until(lambda: agent.node_status()["models"][NAME]["state"] == "failed", 10)
+        hidden.rename(pvc)  # the source is back: the next attempt repairs
+        wait_until(lambda: agent.ready() == {NAME}, 15)
+        assert agent.metrics()[("modelcache_repairs_total", ())] == 1
