@@ -13,7 +13,9 @@ hot for everyone) it times, best of ``--repeat`` interleaved rounds:
 - ``ours``: ``ModelExpressSource`` resolve + fetch into a ``Store`` + publish (validated, sha256/git-sha1
   + xxh3 in the same pass, fsynced, verified layout).
 
-Targets: ours <= 1.0x NVIDIA's time, and >= 0.8x the raw loop's throughput.
+Targets: ours <= 1.0x NVIDIA's time, and >= 0.8x the raw loop's throughput. Client CPU seconds
+(all threads, best run) are printed too: on a shared 2-core machine wall times swing with other
+load, while CPU per GiB shows what each client costs.
 """
 
 from __future__ import annotations
@@ -39,7 +41,6 @@ from agent.sources.modelexpress import ModelExpressSource
 from agent.spec import FileFilter
 
 REPO = "bench/mx-model"
-CHUNK = 2 * MiB
 ROOT_DIR = Path(__file__).resolve().parent.parent
 
 
@@ -62,13 +63,13 @@ def start_server(root: Path) -> tuple[subprocess.Popen[str], str]:
     return proc, line.split()[1]
 
 
-def run_raw(address: str, commit: str, dest: Path) -> int:
+def run_raw(address: str, commit: str, dest: Path, chunk_size: int) -> int:
     """Stream every file to disk with nothing but gRPC and os.write (the transport's ceiling)."""
-    channel = grpc.insecure_channel(address, options=[("grpc.max_receive_message_length", CHUNK + 4 * MiB)])
+    channel = grpc.insecure_channel(address, options=[("grpc.max_receive_message_length", chunk_size + 4 * MiB)])
     stub = model_pb2_grpc.ModelServiceStub(channel)
     listing = stub.ListModelFiles(model_pb2.ModelFilesRequest(model_name=REPO, revision=commit))
     req = model_pb2.ModelFilesRequest(
-        model_name=REPO, chunk_size=CHUNK, revision=commit,
+        model_name=REPO, chunk_size=chunk_size, revision=commit,
         file_selector=model_pb2.ModelFileSelector(paths=[f.relative_path for f in listing.files]),
     )
     dest.mkdir(parents=True, exist_ok=True)
@@ -89,8 +90,8 @@ def run_raw(address: str, commit: str, dest: Path) -> int:
     return total
 
 
-def run_ours(address: str, cache: Path) -> int:
-    src = ModelExpressSource(address, SourceSettings(mx_token_file=None), chunk_size=CHUNK)
+def run_ours(address: str, cache: Path, chunk_size: int) -> int:
+    src = ModelExpressSource(address, SourceSettings(mx_token_file=None), chunk_size=chunk_size)
     store = Store(cache)
     plan = src.resolve(REPO, "main", FileFilter())
     with store.lock(REPO):
@@ -101,14 +102,16 @@ def run_ours(address: str, cache: Path) -> int:
     return m.total_bytes
 
 
-def run_nvidia(py: str, address: str, cache: Path) -> float:
+def run_nvidia(py: str, address: str, cache: Path) -> tuple[float, float]:
+    """(wall seconds, CPU seconds) of NVIDIA's install, both without the torch import."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MX_", "MODEL_EXPRESS_"))}
     env.update(MX_AUTH_TOKEN_PATH=str(cache / "no-token"), PYTHONWARNINGS="ignore")
     out = subprocess.run([py, str(ROOT_DIR / "tests/peers/mx_nvidia_client.py"), address, REPO, str(cache), "main"],
                          capture_output=True, text=True, env=env, check=False)
     if out.returncode != 0:
         raise RuntimeError(f"NVIDIA client failed: {out.stderr[-2000:]}")
-    return float(json.loads(out.stdout.strip().splitlines()[-1])["install_s"])
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    return float(result["install_s"]), float(result["install_cpu_s"])
 
 
 def best_interleaved(rounds: int, contenders: dict[str, Callable[[int], float]]) -> dict[str, float]:
@@ -130,9 +133,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description="ModelExpress fill benchmark (ours vs NVIDIA's client vs raw gRPC)")
     ap.add_argument("--size", default="2G", help="total weight bytes, e.g. 512M, 2G")
     ap.add_argument("--repeat", type=int, default=3, help="rounds; the best run of each contender counts")
+    ap.add_argument("--chunk", default="2M", help="chunk size for ours and raw (NVIDIA's client uses 1M)")
     ap.add_argument("--workdir", default=str(ROOT_DIR / "bench-out" / "mx"))
     args = ap.parse_args()
     size = parse_size(args.size)
+    chunk = parse_size(args.chunk)
     work = Path(args.workdir)
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
@@ -144,7 +149,7 @@ def main() -> None:
 
     proc, address = start_server(served)
     try:
-        nbytes = run_raw(address, commit, work / "warmup")  # warm the server's page cache
+        nbytes = run_raw(address, commit, work / "warmup", chunk)  # warm the server's page cache
         shutil.rmtree(work / "warmup")
 
         cpu: dict[str, float] = {}
@@ -159,16 +164,17 @@ def main() -> None:
             return dt
 
         def raw(i: int) -> float:
-            return timed("raw", lambda: run_raw(address, commit, work / f"raw{i}"), work / f"raw{i}")
+            return timed("raw", lambda: run_raw(address, commit, work / f"raw{i}", chunk), work / f"raw{i}")
 
         def ours(i: int) -> float:
-            return timed("ours", lambda: run_ours(address, work / f"ours{i}"), work / f"ours{i}")
+            return timed("ours", lambda: run_ours(address, work / f"ours{i}", chunk), work / f"ours{i}")
 
         py = os.environ.get("MX_CLIENT_PYTHON")
 
         def nvidia(i: int) -> float:
             d = work / f"nvidia{i}"
-            dt = run_nvidia(py or "", address, d)
+            dt, used = run_nvidia(py or "", address, d)
+            cpu["nvidia"] = min(cpu.get("nvidia", used), used)
             shutil.rmtree(d)
             return dt
 
@@ -191,6 +197,8 @@ def main() -> None:
     print(f"ours throughput / raw stream throughput: {ratio_raw:.2f}x (target >= 0.80)")
     if "nvidia" in results:
         print(f"ours time / NVIDIA client time: {results['ours'] / results['nvidia']:.2f}x (target <= 1.00)")
+        print(f"ours CPU / NVIDIA client CPU: {cpu['ours'] / cpu['nvidia']:.2f}x")
+    print(f"load average during the run: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
 
 
 if __name__ == "__main__":
