@@ -144,6 +144,7 @@ def test_node_labels_are_untouched_until_the_first_report(kube: KubeEmulator, ap
     assert labels[f"{P}/warm"] == "ready" and labels["team"] == "ml"
     assert all(ls.get(f"{P}/warm") == "ready" for _, ls in kube.labels_over_time(NODE))  # never flapped
     assert json.loads(kube.node_annotations(NODE)[f"{P}/status"]) == {"warm": {"state": "ready"}}
+    assert rep.outbox.wait_idle(5)  # the SpecValid check for "warm" (no such CachedModel: only logged)
 
 
 def test_invalid_spec_is_one_event_for_the_cluster_and_heals(kube: KubeEmulator, api: KubeApi,
