@@ -3,11 +3,20 @@
 Every byte the agent writes is hashed once, while it is written: the Hub digest (sha256 for LFS
 files, git blob sha1 for the rest) and xxh3-128 for fast re-checks. Hashing runs on a helper thread
 (hashlib and xxhash release the GIL on large buffers) so it overlaps the read and write syscalls.
+
+``copy_into`` writes with O_DIRECT where the filesystem allows it: on the 2-core benchmark VM a
+buffered write (page allocation + memcpy + later writeback) cost about as much CPU as sha256 itself,
+so skipping the page cache roughly halved the CPU per byte and the wall time of a PVC fill. It also
+keeps a fill of hundreds of GB from evicting the page cache of running inference pods. Durability
+is unchanged: ``finish`` still fsyncs (device cache flush + metadata) before the blob is published.
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import hashlib
+import mmap
 import os
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -20,6 +29,7 @@ from agent.errors import DiskFullError
 from agent.plan import HashAlgo
 
 CHUNK = 8 * 1024 * 1024
+DIRECT_ALIGN = 4096  # O_DIRECT needs block-aligned offsets, lengths and buffers; 4 KiB suits all disks
 _pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="hash")
 
 
@@ -90,6 +100,7 @@ class DigestWriter:
         self._write_fn = write_fn
         self._fsync = fsync
         self._pending: Future[None] | None = None
+        self._direct = False
         flags = os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | (os.O_APPEND if append else os.O_TRUNC)
         self._fd = os.open(path, flags, 0o644)
         if append:
@@ -102,6 +113,25 @@ class DigestWriter:
     def written(self) -> int:
         return self._hasher.size
 
+    def use_direct_io(self) -> bool:
+        """Write with O_DIRECT from now on, if the filesystem supports it (not tmpfs, say).
+
+        Only for callers whose buffers are page-aligned with lengths that are multiples of
+        ``DIRECT_ALIGN`` (``copy_into``'s are); a short or odd-sized write drops back to buffered.
+        """
+        if self.written % DIRECT_ALIGN:
+            return False
+        try:
+            fcntl.fcntl(self._fd, fcntl.F_SETFL, fcntl.fcntl(self._fd, fcntl.F_GETFL) | os.O_DIRECT)
+        except OSError:
+            return False
+        self._direct = True
+        return True
+
+    def _buffered(self) -> None:
+        fcntl.fcntl(self._fd, fcntl.F_SETFL, fcntl.fcntl(self._fd, fcntl.F_GETFL) & ~os.O_DIRECT)
+        self._direct = False
+
     def write(self, data: bytes | memoryview) -> None:
         view = memoryview(data)
         if self._pending is not None:
@@ -109,7 +139,15 @@ class DigestWriter:
         self._pending = _pool.submit(self._hasher.update, view)
         try:
             while view:
-                n = self._write_fn(self._fd, view)
+                if self._direct and len(view) % DIRECT_ALIGN:
+                    self._buffered()  # the tail of a file (or a short write) cannot go direct
+                try:
+                    n = self._write_fn(self._fd, view)
+                except OSError as e:
+                    if not (self._direct and e.errno == errno.EINVAL):
+                        raise
+                    self._buffered()  # alignment the filesystem will not take: retry buffered
+                    continue
                 view = view[n:]
         except OSError as e:
             self._pending.result()
@@ -145,9 +183,14 @@ class DigestWriter:
 
 
 def copy_into(src: Path, writer: DigestWriter, on_bytes: Callable[[int], None] | None = None) -> None:
-    """Copy a file into a DigestWriter with one read pass and double-buffered reads."""
-    bufs = (bytearray(CHUNK), bytearray(CHUNK))
+    """Copy a file into a DigestWriter with one read pass and double-buffered reads.
+
+    The buffers are anonymous mmaps (page-aligned) so the writer can use O_DIRECT; the bytes hashed
+    are the very bytes written, read once into our private buffer (the source may change under us).
+    """
+    bufs = (mmap.mmap(-1, CHUNK), mmap.mmap(-1, CHUNK))
     i = 0
+    writer.use_direct_io()
     fd = os.open(src, os.O_RDONLY | os.O_CLOEXEC)
     try:
         if hasattr(os, "posix_fadvise"):
