@@ -512,6 +512,9 @@ def test_api_outage_does_not_crash_agents_and_labels_converge_after(cluster: Clu
     (rc, _), = stop_agents([old], TERMINATION_BUDGET).values()
     assert rc == 0, old.tail()
     cluster.kube.outage(4.0)  # port closed, watches cut: an API server restart
+    # ...and it answers 503 a few more times to the new agent's first Node reads, whatever the timing:
+    # the new agent must wait for the API, not exit (a crash-looping DaemonSet pod backs off for minutes).
+    cluster.kube.fail_next("GET", r"^/api/v1/nodes/node-1$", 503, count=4)
     new = start_agent("node-1", cluster.tmp, cluster.kube.url, cluster.pvc, cluster.mx_address, cluster.config)
     cluster.agents["node-1"] = new
     # While the API is down, someone adds a model (it is stored; agents cannot see it yet).
@@ -521,6 +524,7 @@ def test_api_outage_does_not_crash_agents_and_labels_converge_after(cluster: Clu
     wait_until(lambda: not cluster.kube.in_outage(), 10, "outage over")
     cluster.assert_all_running()  # including the agent that started while the API was unreachable
     new.wait_started()
+    assert any(r.get("event") == "agent.api_unreachable" for r in new.log_lines()), new.tail()
     t0 = time.monotonic()
     wait_until(lambda: cluster.warm("tiny-b") == GPU_NODES, CONVERGE, "tiny-b ready after the outage")
     assert time.monotonic() - t0 < CONVERGE
