@@ -9,6 +9,8 @@ It sends sizes but no content hash, so this adapter:
 3. streams the needed files with one ``StreamModelFiles(revision=commit)``, checking every chunk
    with ``mx_stream.StreamValidator`` before writing it and hashing in the same pass.
 
+A server-supplied path never names a file we open: bytes go to staging part files named by a hash
+of the (validated) path, and the store builds the snapshot tree itself, so no symlink is followed.
 Files finished in a stream become blobs only when the stream ends well, or when it breaks for a
 transient reason (their bytes were whole and checked); a protocol violation discards them, so a
 misbehaving server leaves nothing outside staging. Transient failures (UNAVAILABLE, a stall seen
