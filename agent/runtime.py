@@ -134,7 +134,7 @@ def run_agent(settings: RunSettings, *, stop: threading.Event | None = None,
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)
-    store = Store(settings.cache_dir, reserve_bytes=0)
+    store = Store(settings.cache_dir, reserve_bytes=0, budget_bytes=settings.disk_budget_bytes)
     validate_cache_dir(store)
     store.sweep_all()
     sources = open_sources(list(settings.sources), settings.source_settings)
@@ -159,7 +159,7 @@ def run_agent(settings: RunSettings, *, stop: threading.Event | None = None,
                                        resync=settings.resync_seconds)
         reporter: object = KubeReporter(api, node, events, provider, stop=stop)
         rec = Reconciler(store, sources, reporter, workers=settings.workers, backoff=settings.backoff,  # type: ignore[arg-type]
-                         observer=metrics)
+                         observer=metrics, evict_min_age=settings.evict_min_age)
         rec_holder.append(rec)
         provider.start()  # the Node writer starts with the loop's first report (see KubeReporter.report)
         kube_parts += [api, node, provider]
@@ -167,7 +167,7 @@ def run_agent(settings: RunSettings, *, stop: threading.Event | None = None,
         assert settings.models_file is not None
         reporter = LocalReporter(store.layout.agent_dir / "node-status.json", settings.label_prefix)
         rec = Reconciler(store, sources, reporter, workers=settings.workers, backoff=settings.backoff,  # type: ignore[arg-type]
-                         observer=metrics)
+                         observer=metrics, evict_min_age=settings.evict_min_age)
         rec_holder.append(rec)
         models = ModelsFileProvider(settings.models_file, rec.set_desired)
         rec.set_desired(models.load())
