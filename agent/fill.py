@@ -73,6 +73,25 @@ def enrich_digests(plan: ModelPlan, others: Sequence[Source], files: FileFilter)
     return plan
 
 
+def trusted_from_manifest(store: Store, plan: ModelPlan) -> ModelPlan:
+    """Digests this node already verified for this commit stay trusted for a repair or a re-fill.
+
+    Without this, repairing a Hub-verified model from a stream with no hashes (ModelExpress) would
+    silently downgrade it to ``computed``, and a bad byte from that stream would go unnoticed.
+    """
+    if all(f.trusted for f in plan.files):
+        return plan
+    m = store.manifest(plan.repo, plan.commit)
+    if m is None:
+        return plan
+    known = {f.path: f for f in m.files if f.verified}
+    return replace(plan, files=tuple(
+        replace(f, algo=k.algo, digest=k.digest) if not f.trusted and (k := known.get(f.path)) and k.size == f.size
+        else f
+        for f in plan.files
+    ))
+
+
 def fill_model(
     store: Store,
     sources: Sequence[Source],
@@ -100,6 +119,7 @@ def fill_model(
             plan = src.resolve(repo, pin or revision, files)
             if pin and revision != pin:
                 plan = replace(plan, ref=revision)
+            plan = trusted_from_manifest(store, plan)
             plan = enrich_digests(plan, [s for j, s in enumerate(sources) if j != i], files)
             return _fill_from(store, src, plan, progress, lock_timeout, blog)
         except DiskFullError:

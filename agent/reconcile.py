@@ -209,6 +209,8 @@ class Reconciler:
                 log.warning("reconcile.not_ready", model=name, reason=why)
                 if why != "spec changed":
                     self.reporter.event(name, "VerifyFailed", f"{spec.repo}: {why}", warning=True)
+        for name in [n for n in self._reported_errors if n not in desired.errors]:
+            del self._reported_errors[name]  # fixed (or gone): the same error later is news again
         for name, err in desired.errors.items():
             st = self._statuses.setdefault(name, ModelStatus(name))
             st.state, st.last_error = "invalid", str(err)

@@ -490,8 +490,6 @@ def spec_valid(cluster: Cluster, name: str) -> str | None:
     return None
 
 
-@pytest.mark.xfail(strict=True, reason="reconcile.py: _reported_errors is never cleared, so a spec that breaks "
-                   "again with the same error is not reported again (no Event, condition stays True)")
 def test_spec_broken_again_is_reported_again(cluster: Cluster) -> None:
     bad = cached_model("flaky", "not a repo id")
     cluster.create(bad)

@@ -259,3 +259,25 @@ def test_republish_keeps_old_snapshot_until_swap(pvc_model: PvcModel, store: Sto
         os.close(fd)
     assert not list(store.layout.staging_dir(pvc_model.repo).glob("trash-*"))
     shutil.rmtree(store.layout.root)
+
+
+def test_repair_from_hashless_source_keeps_verified_level(tmp_path: Path, store: Store) -> None:
+    """Digests verified earlier on this node stay the expectation when re-filling from a plain-file source."""
+    plain = tmp_path / "plain" / "hub"
+    named = tmp_path / "named" / "hub"
+    make_hub_model(plain, "org/m", weight_bytes=1 * MiB, symlinks=False, seed=7)
+    make_hub_model(named, "org/m", weight_bytes=1 * MiB, symlinks=True, seed=7)
+    first = fill_model(store, [PvcSource(named)], "org/m", "main").manifest
+    assert first.level == "verified"
+    store.layout.blob_path("org/m", first.by_path()["config.json"].digest).unlink()
+    again = fill_model(store, [PvcSource(plain)], "org/m", "main")
+    assert again.fetched_files == 1 and again.manifest.level == "verified"
+    # and a wrong byte from the hashless source is now caught
+    snap = next((plain / "models--org--m" / "snapshots").iterdir())
+    data = bytearray((snap / "config.json").read_bytes())
+    data[3] ^= 1
+    (snap / "config.json").write_bytes(bytes(data))
+    store.layout.blob_path("org/m", first.by_path()["config.json"].digest).unlink()
+    with pytest.raises(FillFailed) as ei:
+        fill_model(store, [PvcSource(plain)], "org/m", "main")
+    assert isinstance(ei.value.attempts[0][1], IntegrityError) and ei.value.attempts[0][1].path == "config.json"
