@@ -65,6 +65,38 @@ class VerifyReport:
         return out
 
 
+def _unknown_files(top: str, prefix: str, known: Collection[str]) -> Iterator[str]:
+    """Relative paths under ``top`` that are not in ``known``, as ``os.walk`` would list files.
+
+    Same answer as walking with ``os.walk`` + ``relpath``, in the same order (a directory's files,
+    then its subdirectories; a symlink to a directory is neither listed nor followed; unreadable
+    directories are skipped), but it only stats an entry when the answer depends on it: every
+    snapshot entry is a symlink, and ``os.walk`` stats each one to learn whether it points at a
+    directory.
+    """
+    try:
+        with os.scandir(top) as it:
+            entries = list(it)
+    except OSError:
+        return
+    subdirs = []
+    for e in entries:
+        rel = prefix + e.name
+        if rel in known and e.is_symlink():
+            continue  # a manifest file (its target was checked above); os.walk lists it as a file
+        try:
+            is_dir = e.is_dir()
+        except OSError:
+            is_dir = False
+        if not is_dir:
+            if rel not in known:
+                yield rel
+        elif not e.is_symlink():
+            subdirs.append(e)
+    for e in subdirs:
+        yield from _unknown_files(e.path, prefix + e.name + "/", known)
+
+
 class Store:
     """One cache root. Constructor arguments are the seams tests use (fsync, write faults, clock)."""
 
@@ -185,12 +217,17 @@ class Store:
         Fast (default): symlink targets, blob size, mtime and inode; no file content is read.
         ``deep``: also re-read every blob with xxh3-128. ``full``: recompute the Hub digest too.
         ``deep_blobs``: re-read just these blobs with xxh3 (the watcher saw them change).
+
+        Paths are joined as strings, not ``Path`` objects: on a restart this runs for every file of
+        every model before the first label, and pathlib parsing was most of its CPU (manifest paths
+        passed ``safe_relpath`` at fill time, so plain joining gives the same path).
         """
         lay = self.layout
         rep = VerifyReport(manifest.repo, manifest.commit)
-        snap = lay.snapshot_dir(manifest.repo, manifest.commit)
+        snap = str(lay.snapshot_dir(manifest.repo, manifest.commit))
+        blobs = str(lay.blobs_dir(manifest.repo)) + "/"
         for f in manifest.files:
-            link = snap / f.path
+            link = snap + "/" + f.path
             try:
                 target = os.readlink(link)
             except FileNotFoundError:
@@ -202,7 +239,7 @@ class Store:
             if target != blob_link_target(f.path, f.digest):
                 rep.mismatches.append((f.path, f"symlink points to {target}"))
                 continue
-            blob = lay.blob_path(manifest.repo, f.digest)
+            blob = blobs + f.digest
             try:
                 st = os.stat(blob)
             except FileNotFoundError:
@@ -215,19 +252,14 @@ class Store:
                 rep.mismatches.append((f.path, "blob changed since verified (mtime/inode)"))
                 continue
             if deep or full or f.digest in deep_blobs:
-                d = hash_file(blob, f.algo, hub_digest=full, size=f.size, on_bytes=on_bytes)
+                d = hash_file(Path(blob), f.algo, hub_digest=full, size=f.size, on_bytes=on_bytes)
                 rep.bytes_read += d.size
                 if d.xxh3 != f.xxh3:
                     rep.mismatches.append((f.path, f"xxh3 {d.xxh3}, expected {f.xxh3}"))
                 elif full and d.digest != f.digest:
                     rep.mismatches.append((f.path, f"{f.algo} {d.digest}, expected {f.digest}"))
         known = {f.path for f in manifest.files}
-        if snap.is_dir():
-            for dirpath, _dirs, files in os.walk(snap):
-                for name in files:
-                    rel = os.path.relpath(os.path.join(dirpath, name), snap)
-                    if rel not in known:
-                        rep.extra.append(rel)
+        rep.extra.extend(_unknown_files(snap, "", known))
         for ref in manifest.refs:
             got = self.read_ref(manifest.repo, ref)
             if got is not None and got != manifest.commit:
