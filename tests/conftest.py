@@ -42,3 +42,23 @@ def store(tmp_path: Path) -> Store:
 def agent_cmd(*args: str) -> list[str]:
     """Run the CLI exactly as a user would, via the installed package's entry module."""
     return [sys.executable, "-m", "agent", *args]
+
+
+class ManualClock:
+    """A clock tests move by hand (``clock.now += 5``) instead of sleeping."""
+
+    def __init__(self, start: float = 1000.0) -> None:
+        self.now = start
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def api(kube):  # type: ignore[no-untyped-def]  # each module's own ``kube`` fixture decides the cluster
+    """An official-client API handle on the module's Kubernetes emulator."""
+    from agent.k8s.client import make_api
+
+    handle = make_api(kube.url, request_timeout=2.0)
+    yield handle
+    handle.close()

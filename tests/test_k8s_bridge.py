@@ -20,7 +20,7 @@ from agent.k8s.bridge import (
     annotation_statuses,
     desired_for_node,
 )
-from agent.k8s.client import Backoff, KubeApi, make_api
+from agent.k8s.client import Backoff, KubeApi
 from agent.k8s.crd import GROUP, parse_cached_model
 from agent.k8s.events import EventRecorder, list_events
 from agent.k8s.node import NodeReporter
@@ -106,13 +106,6 @@ def kube() -> Iterator[KubeEmulator]:
     with KubeEmulator() as emu:
         emu.create_node(NODE, {GPU: "true", "team": "ml", f"{P}/warm": "ready", f"{P}/stale": "ready"})
         yield emu
-
-
-@pytest.fixture
-def api(kube: KubeEmulator) -> Iterator[KubeApi]:
-    api = make_api(kube.url, request_timeout=2.0)
-    yield api
-    api.close()
 
 
 @pytest.fixture

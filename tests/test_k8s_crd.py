@@ -54,13 +54,6 @@ def kube() -> Iterator[KubeEmulator]:
 
 
 @pytest.fixture
-def api(kube: KubeEmulator) -> Iterator[KubeApi]:
-    api = make_api(kube.url, request_timeout=2.0)
-    yield api
-    api.close()
-
-
-@pytest.fixture
 def watching(kube: KubeEmulator, api: KubeApi) -> Iterator[tuple[CachedModelWatcher, Recorder]]:
     stop = threading.Event()
     rec = Recorder()

@@ -6,30 +6,16 @@ from collections.abc import Iterator
 
 import pytest
 
-from agent.k8s.client import KubeApi, make_api
+from agent.k8s.client import KubeApi
 from agent.k8s.events import EventRecorder, list_events
+from tests.conftest import ManualClock
 from tests.peers.kube_emulator import KubeEmulator
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 50.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @pytest.fixture
 def kube() -> Iterator[KubeEmulator]:
     with KubeEmulator() as emu:
         yield emu
-
-
-@pytest.fixture
-def api(kube: KubeEmulator) -> Iterator[KubeApi]:
-    api = make_api(kube.url, request_timeout=2.0)
-    yield api
-    api.close()
 
 
 def test_event_names_object_reason_and_node(kube: KubeEmulator, api: KubeApi) -> None:
@@ -53,7 +39,7 @@ def test_event_names_object_reason_and_node(kube: KubeEmulator, api: KubeApi) ->
 
 
 def test_repeats_within_window_are_aggregated_with_count(kube: KubeEmulator, api: KubeApi) -> None:
-    clock = FakeClock()
+    clock = ManualClock(50.0)
     rec = EventRecorder(api, node_name="gpu-1", clock=clock, window=60.0)
     for _ in range(3):
         assert rec.emit("CachedModel", "qwen", "FillFailed", "hub: HTTP 503", "Warning")
@@ -71,7 +57,7 @@ def test_repeats_within_window_are_aggregated_with_count(kube: KubeEmulator, api
 
 
 def test_aggregated_event_deleted_meanwhile_is_recreated(kube: KubeEmulator, api: KubeApi) -> None:
-    rec = EventRecorder(api, node_name="gpu-1", clock=FakeClock())
+    rec = EventRecorder(api, node_name="gpu-1", clock=ManualClock(50.0))
     rec.emit("Node", "gpu-1", "DiskFull", "need 4 GiB")
     name = list_events(api)[0]["metadata"]["name"]
     kube.delete("events", name, namespace="default")  # the API server's event TTL

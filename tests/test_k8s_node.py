@@ -10,9 +10,10 @@ from collections.abc import Iterator
 import pytest
 from structlog.testing import capture_logs
 
-from agent.k8s.client import Backoff, KubeApi, make_api
+from agent.k8s.client import Backoff, KubeApi
 from agent.k8s.coverage import read_coverage
 from agent.k8s.node import NodeReporter, ready_labels
+from tests.conftest import ManualClock
 from tests.peers.kube_emulator import KubeEmulator
 
 P = "modelcache.dev"
@@ -21,26 +22,11 @@ FAST = Backoff(initial=0.02, maximum=0.2, jitter=0.0, attempts=4)
 FOREIGN = {"kubernetes.io/hostname": NODE, "nvidia.com/gpu.present": "true", "team": "ml"}
 
 
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 @pytest.fixture
 def kube() -> Iterator[KubeEmulator]:
     with KubeEmulator() as emu:
         emu.create_node(NODE, {**FOREIGN, f"{P}/stale-model": "ready"})
         yield emu
-
-
-@pytest.fixture
-def api(kube: KubeEmulator) -> Iterator[KubeApi]:
-    api = make_api(kube.url, request_timeout=2.0)
-    yield api
-    api.close()
 
 
 def reporter(api: KubeApi, **kw: object) -> NodeReporter:
@@ -101,7 +87,7 @@ def test_remove_stale_keeps_only_verified_models(kube: KubeEmulator, api: KubeAp
 
 
 def test_heartbeat_rereads_and_repairs_drift(kube: KubeEmulator, api: KubeApi) -> None:
-    clock = FakeClock()
+    clock = ManualClock(1000.0)
     rep = reporter(api, clock=clock, heartbeat=60.0)
     rep.set_desired(ready_labels(P, ["a"]))
     assert rep.flush()
@@ -146,7 +132,7 @@ def test_retry_after_is_honoured(kube: KubeEmulator, api: KubeApi) -> None:
 
 
 def test_permanent_error_is_not_retried_and_flush_reports_failure(kube: KubeEmulator, api: KubeApi) -> None:
-    rep = reporter(api, clock=FakeClock(), heartbeat=3600.0)
+    rep = reporter(api, clock=ManualClock(1000.0), heartbeat=3600.0)
     rep.set_desired(ready_labels(P, ["z"]))
     assert rep.flush()
     kube.fail_next("PATCH", f"/nodes/{NODE}$", 403)
