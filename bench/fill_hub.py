@@ -31,15 +31,10 @@ from agent.modelgen import make_model_dir
 from agent.sources.base import NullProgress, SourceSettings
 from agent.sources.hub import HubSource
 from agent.spec import FileFilter
+from bench.common import parse_size
 from tests.peers.hub_server import HubServer
 
 REPO = "bench/model"
-UNITS = {"K": 1024, "M": 1024**2, "G": 1024**3}
-
-
-def parse_size(text: str) -> int:
-    text = text.strip().upper().removesuffix("B").removesuffix("I")
-    return int(float(text[:-1]) * UNITS[text[-1]]) if text and text[-1] in UNITS else int(text)
 
 
 def run_official(url: str, cache: Path) -> float:

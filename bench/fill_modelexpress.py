@@ -39,15 +39,10 @@ from agent.sources._proto import model_pb2, model_pb2_grpc
 from agent.sources.base import NullProgress, SourceSettings
 from agent.sources.modelexpress import ModelExpressSource
 from agent.spec import FileFilter
+from bench.common import parse_size
 
 REPO = "bench/mx-model"
 ROOT_DIR = Path(__file__).resolve().parent.parent
-
-
-def parse_size(value: str) -> int:
-    units = {"K": 1024, "M": MiB, "G": 1024 * MiB}
-    v = value.strip().upper().removesuffix("B").removesuffix("I")
-    return int(float(v[:-1]) * units[v[-1]]) if v and v[-1] in units else int(v)
 
 
 def start_server(root: Path) -> tuple[subprocess.Popen[str], str]:
@@ -133,7 +128,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description="ModelExpress fill benchmark (ours vs NVIDIA's client vs raw gRPC)")
     ap.add_argument("--size", default="2G", help="total weight bytes, e.g. 512M, 2G")
     ap.add_argument("--repeat", type=int, default=3, help="rounds; the best run of each contender counts")
-    ap.add_argument("--chunk", default="2M", help="chunk size for ours and raw (NVIDIA's client uses 1M)")
+    ap.add_argument("--chunk", default="1M", help="chunk size for ours and raw (NVIDIA client: 1M)")
     ap.add_argument("--workdir", default=str(ROOT_DIR / "bench-out" / "mx"))
     args = ap.parse_args()
     size = parse_size(args.size)

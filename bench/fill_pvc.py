@@ -31,31 +31,10 @@ from pathlib import Path
 
 from agent.cache.layout import repo_folder_name
 from agent.modelgen import make_model_dir, write_hub_layout
+from bench.common import drop_caches, parse_size
 
 REPO = "bench/fill-pvc-model"
 SMALL_FILES = 8  # make_model_dir's json/README files (7) + the shard index
-UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-
-
-def parse_size(text: str) -> int:
-    """``2G``, ``512M``, ``1.5GiB`` or plain bytes (binary units, as ``--size`` documents)."""
-    t = text.strip().upper().removesuffix("B").removesuffix("I")
-    unit = t[-1] if t and t[-1] in UNITS else ""
-    try:
-        return int(float(t[: len(t) - len(unit)]) * UNITS[unit])
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r}") from None
-
-
-def drop_caches() -> str | None:
-    """Flush dirty pages and drop the page cache; returns why it could not, or None."""
-    os.sync()
-    try:
-        with open("/proc/sys/vm/drop_caches", "w") as f:
-            f.write("3\n")
-    except OSError as e:
-        return f"{type(e).__name__}: {e.strerror or e}"
-    return None
 
 
 def read_all(paths: Sequence[Path]) -> None:

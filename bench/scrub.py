@@ -39,9 +39,9 @@ from agent.reconcile import Reconciler
 from agent.scrub import Scrubber
 from agent.sources.pvc import PvcSource
 from agent.spec import ModelSpec
+from bench.common import drop_caches, parse_size
 
 MiB = 1 << 20
-UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 BIG_REPO = "bench/scrub-model"
 DEFAULT_RATE = 200 * MiB  # RunSettings.scrub_bytes_per_second
 
@@ -56,27 +56,6 @@ PY_XXHSUM = (
     "            h.update(memoryview(buf)[:n])\n"
     "    print(h.hexdigest(), p)\n"
 )
-
-
-def parse_size(text: str) -> int:
-    """``2G``, ``512M``, ``1.5GiB`` or plain bytes (binary units)."""
-    t = text.strip().upper().removesuffix("B").removesuffix("I")
-    unit = t[-1] if t and t[-1] in UNITS else ""
-    try:
-        return int(float(t[: len(t) - len(unit)]) * UNITS[unit])
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r}") from None
-
-
-def drop_caches() -> str | None:
-    """Flush and drop the page cache; returns why it could not (then "cold" is really warm)."""
-    os.sync()
-    try:
-        with open("/proc/sys/vm/drop_caches", "w") as f:
-            f.write("3\n")
-    except OSError as e:
-        return f"{type(e).__name__}: {e.strerror or e}"
-    return None
 
 
 def gib_s(nbytes: int, seconds: float) -> str:
