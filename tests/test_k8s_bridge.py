@@ -195,3 +195,20 @@ def test_node_label_change_reselects_models(kube: KubeEmulator, api: KubeApi, st
     wait_until(lambda: "gpu-model" in seen[-1].models, 5)
     kube.patch("nodes", "cpu-1", {"metadata": {"labels": {GPU: None}}})
     wait_until(lambda: "gpu-model" not in seen[-1].models, 5)
+
+
+def test_pin_adopts_a_pin_seen_since_the_loop_looked(kube: KubeEmulator, api: KubeApi,
+                                                     stop: threading.Event) -> None:
+    """Two agents resolve at once: the later one must adopt the visible pin, not rewrite it."""
+    theirs = "c" * 40
+    kube.create("cachedmodels", cm("m"), group=GROUP)
+    kube.patch("cachedmodels", "m", {"status": {"resolvedRevision": theirs, "resolvedFrom": "main"}}, group=GROUP,
+               subresource="status")
+    rep, provider = make_reporter(api, stop)
+    provider.start()
+    wait_until(provider.watcher.synced.is_set)
+    assert rep.pin("m", "d" * 40, "main") == theirs
+    assert not kube.requests_matching("PATCH", "/cachedmodels/m/status")
+    # a pin for another revision does not count: ours is written (CAS on the version we saw)
+    assert rep.pin("m", "d" * 40, "v2") == "d" * 40
+    assert len(kube.requests_matching("PATCH", "/cachedmodels/m/status")) == 1

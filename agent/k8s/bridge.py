@@ -296,6 +296,8 @@ class KubeReporter:
         obj = self.provider.watcher.snapshot().get(name)
         if obj is None:
             return commit
+        if obj.resolved_revision and obj.spec is not None and obj.spec.revision == revision:
+            return obj.resolved_revision  # another agent pinned it since our loop looked: adopt, do not rewrite
         try:
             return pin_revision(self.api, name, commit, obj.resource_version, revision=revision, stop=self.stop)
         except AgentError as e:
