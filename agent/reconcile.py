@@ -174,8 +174,6 @@ class Reconciler:
         m = self.store.manifest(spec.repo, commit)
         if m is None:
             return False, "not cached"
-        if pin and not is_commit(spec.revision) and spec.revision not in m.refs:
-            pass  # pinned commit present under another ref: still the right bytes
         rep = self.store.check(m, deep_blobs=dirty.get(spec.repo, set()))
         if not rep.ok:
             removed = self.store.quarantine(m, rep)
