@@ -197,7 +197,10 @@ def run_agent(settings: RunSettings, *, stop: threading.Event | None = None,
     loop = threading.Thread(target=rec.run, args=(stop,), kwargs={"interval": settings.check_interval},
                             name="reconcile", daemon=True)
     loop.start()
-    stop.wait()
+    # Wake up now and then: a signal delivered to another thread only runs its Python handler once the
+    # main thread runs bytecode again, and a bare wait() on a lock may never return to let it.
+    while not stop.wait(0.5):
+        pass
     finished = rec.shutdown(settings.termination_budget)
     log.info("agent.stopped", fills_finished=finished)
     hub_watch.stop()
