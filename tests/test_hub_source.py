@@ -485,3 +485,17 @@ def test_open_source_and_label(hub: HubServer) -> None:
     mirror = make_source(hub)
     assert mirror.label == f"hub:{hub.url}"
     mirror.close()
+
+
+@pytest.mark.timeout(30)
+def test_stalled_tree_listing_times_out_and_is_retried(hub: HubServer, store: Store) -> None:
+    """huggingface_hub's shared client has no timeout; ours bounds list_repo_tree's page requests."""
+    hub.add_fault("stall", "/api/models/*/tree/*", seconds=60)
+    src = make_source(hub, timeout=2.0)
+    t0 = time.monotonic()
+    m = fill(src, store, "org/tiny")
+    assert time.monotonic() - t0 < 15
+    assert store.check(m, full=True).ok
+    trees = [r for r in hub.requests(origin="hub", method="GET") if "/tree/" in r.path]
+    assert trees[0].fault == "stall" and len(trees) >= 2
+    src.close()

@@ -179,6 +179,36 @@ class _GrowingFileHasher:
             self.fd = -1
 
 
+class _BoundedTransport(httpx2.HTTPTransport):
+    """Applies a timeout to requests that were sent with none (``timeout=None`` disables the client's)."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__()
+        self._timeout = httpx2.Timeout(seconds).as_dict()
+
+    def handle_request(self, request: httpx2.Request) -> httpx2.Response:
+        current = request.extensions.get("timeout") or {}
+        if all(v is None for v in current.values()):
+            request.extensions["timeout"] = self._timeout
+        return super().handle_request(request)
+
+
+def _bound_hub_session(seconds: float) -> None:
+    """Give huggingface_hub's shared HTTP client a timeout (its default is None).
+
+    ``list_repo_tree`` pages are fetched with ``timeout=None``, so a server that accepts the connection and
+    never answers would hang the fill forever. The client is process-wide, so this setting is too.
+    """
+    from huggingface_hub import set_client_factory
+    from huggingface_hub.utils import _http as hf_http  # keep the library's request hook (headers, logging)
+
+    def factory() -> httpx2.Client:
+        return httpx2.Client(event_hooks={"request": [hf_http.hf_request_event_hook]}, follow_redirects=True,
+                             timeout=httpx2.Timeout(seconds), transport=_BoundedTransport(seconds))
+
+    set_client_factory(factory)
+
+
 class HubSource:
     """Satisfies ``agent.sources.base.Source`` for ``--source hub``."""
 
@@ -203,6 +233,7 @@ class HubSource:
         # token=False: never fall back to HF_TOKEN or ~/.cache/huggingface/token behind config's back.
         self._api = HfApi(endpoint=self.endpoint, token=self._token or False,
                           library_name="model-cache-agent")
+        _bound_hub_session(settings.timeout)
         self._http = httpx2.Client(
             timeout=httpx2.Timeout(settings.timeout), follow_redirects=False,
             limits=httpx2.Limits(max_connections=max(settings.max_workers * 2, 8)),

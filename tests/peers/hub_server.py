@@ -310,6 +310,9 @@ class HubServer:
         fault = self._take_fault(rec, ("status",))
         if fault is not None:
             return self._error(rec, fault.status, None, f"injected {fault.status}", fault.headers)
+        stall = self._take_fault(rec, ("stall",), 1) if rec.path.startswith("/api/") else None
+        if stall is not None:
+            await asyncio.sleep(stall.seconds)  # an API that accepts the request and never answers (in time)
         parts = [unquote(p) for p in request.raw_path.split("?", 1)[0].split("/")[1:]]
         if len(parts) >= 5 and parts[0] == "api" and parts[1] == "models":
             repo_id, op, rest = f"{parts[2]}/{parts[3]}", parts[4], parts[5:]
