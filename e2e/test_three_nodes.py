@@ -331,6 +331,11 @@ def test_cachedmodel_converges_on_selected_nodes_only(cluster: Cluster) -> None:
     assert cr is not None
     assert cr["status"]["resolvedRevision"] == cluster.commits[REPO_A]
     assert cr["status"]["resolvedFrom"] == "main"
+    # kubectl get cachedmodels: READY 2, DESIRED 2 (node-2 is not selected and has no entry)
+    wait_until(lambda: ((cluster.cr("tiny-a") or {}).get("status") or {}).get("readyNodes") == 2, CONVERGE,
+               "tiny-a status.readyNodes == 2")
+    st = (cluster.cr("tiny-a") or {})["status"]
+    assert st["desiredNodes"] == 2 and st["nodes"] == {n: "ready" for n in GPU_NODES}
     pins = [r for r in cluster.kube.requests_matching("PATCH", r"/cachedmodels/tiny-a/status$")
             if r.status == 200 and (r.body or {}).get("status", {}).get("resolvedRevision")]
     assert len(pins) == 1, "one agent pins, the other adopts its commit (compare-and-swap)"

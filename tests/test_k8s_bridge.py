@@ -166,7 +166,7 @@ def test_invalid_spec_is_one_event_for_the_cluster_and_heals(kube: KubeEmulator,
     kube.create("cachedmodels", cm("fine"), group=GROUP)
     reporters[1].report(frozenset({"fine"}), {"fine": {"state": "ready"}})
     assert reporters[1].outbox.wait_idle(10)
-    assert "status" not in kube.get("cachedmodels", "fine", group=GROUP)  # type: ignore[operator]
+    assert "conditions" not in (kube.get("cachedmodels", "fine", group=GROUP) or {}).get("status", {})
 
 
 def test_events_do_not_block_the_loop_when_the_api_is_down(kube: KubeEmulator, api: KubeApi,
@@ -212,3 +212,28 @@ def test_pin_adopts_a_pin_seen_since_the_loop_looked(kube: KubeEmulator, api: Ku
     # a pin for another revision does not count: ours is written (CAS on the version we saw)
     assert rep.pin("m", "d" * 40, "v2") == "d" * 40
     assert len(kube.requests_matching("PATCH", "/cachedmodels/m/status")) == 1
+
+
+def test_ready_and_desired_node_counts_in_cachedmodel_status(kube: KubeEmulator, api: KubeApi,
+                                                             stop: threading.Event) -> None:
+    """`kubectl get cachedmodels` READY/DESIRED come from status.nodes, one key per node, CAS-written."""
+    for name in ("a", "b"):
+        kube.create("cachedmodels", cm(name), group=GROUP)
+    kube.patch("cachedmodels", "a", {"status": {"nodes": {"other-node": "ready"}, "readyNodes": 1,
+                                                "desiredNodes": 1}}, group=GROUP, subresource="status")
+    rep, _ = make_reporter(api, stop)
+
+    def status(name: str) -> dict[str, Any]:
+        return (kube.get("cachedmodels", name, group=GROUP) or {}).get("status") or {}
+
+    rep.report(frozenset({"a"}), {"a": {"state": "ready"}, "b": {"state": "filling"}})
+    wait_until(lambda: status("a").get("readyNodes") == 2 and status("b").get("desiredNodes") == 1)
+    assert status("a")["nodes"] == {"other-node": "ready", NODE: "ready"} and status("a")["desiredNodes"] == 2
+    assert status("b")["nodes"] == {NODE: "filling"} and status("b")["readyNodes"] == 0
+    writes = len(kube.requests_matching("PATCH", "/cachedmodels/./status"))
+    rep.report(frozenset({"a"}), {"a": {"state": "ready"}, "b": {"state": "filling", "progress": 0.5}})
+    assert rep.outbox.wait_idle(5)
+    assert len(kube.requests_matching("PATCH", "/cachedmodels/./status")) == writes  # no change, no write
+    rep.report(frozenset({"a", "b"}), {"a": {"state": "ready"}})  # b no longer desired here
+    wait_until(lambda: NODE not in (status("b").get("nodes") or {}))
+    assert status("b").get("desiredNodes") == 0 and status("a")["readyNodes"] == 2

@@ -23,7 +23,14 @@ from agent import selector
 from agent.desired import DesiredState
 from agent.errors import AgentError, SpecError
 from agent.k8s.client import KubeApi
-from agent.k8s.crd import CachedModelObj, CachedModelWatcher, get_cached_model, pin_revision, set_condition
+from agent.k8s.crd import (
+    CachedModelObj,
+    CachedModelWatcher,
+    get_cached_model,
+    pin_revision,
+    set_condition,
+    set_node_state,
+)
 from agent.k8s.events import EventRecorder, EventType
 from agent.k8s.node import NodeReporter, ready_labels
 from agent.spec import ModelSpec
@@ -207,6 +214,13 @@ class KubeDesiredProvider:
         return self
 
 
+def coarse_state(ready: bool, state: str) -> str:
+    """What ``status.nodes`` records per node: few values, so it changes (and is written) rarely."""
+    if ready:
+        return "ready"
+    return "failed" if state in ("failed", "damaged") else "filling"
+
+
 class KubeReporter:
     """The loop's Reporter in cluster mode: labels + annotation, Events, pins, conditions.
 
@@ -237,6 +251,7 @@ class KubeReporter:
         self._lock = threading.Lock()
         self._valid_checked: set[str] = set()
         self._writer_started = False
+        self._node_states: dict[str, str] = {}  # model -> coarse state last written to its status.nodes
 
     def report(self, ready: frozenset[str], statuses: dict[str, dict[str, object]]) -> None:
         """The loop's full conclusion; the first call also starts the Node writer.
@@ -257,6 +272,32 @@ class KubeReporter:
             self.node.start(self.stop)
         for name in fresh:
             self.outbox.put(f"condition {name}", lambda n=name: self._mark_valid(n))  # type: ignore[misc]
+        for name, state in self._node_state_changes(ready, statuses):
+            self.outbox.put(f"nodes {name}", lambda n=name, s=state: self._set_node(n, s))  # type: ignore[misc]
+
+    def _node_state_changes(self, ready: frozenset[str], statuses: dict[str, dict[str, object]]
+                            ) -> list[tuple[str, str | None]]:
+        """Models whose coarse state on this node changed since last written (None: no longer here)."""
+        now = {n: coarse_state(n in ready, str(st.get("state", ""))) for n, st in statuses.items()
+               if st.get("state") != "invalid"}
+        with self._lock:
+            changes: list[tuple[str, str | None]] = [(n, s) for n, s in now.items() if self._node_states.get(n) != s]
+            changes += [(n, None) for n in self._node_states if n not in now]
+            for n, s in changes:
+                if s is None:
+                    self._node_states.pop(n, None)
+                else:
+                    self._node_states[n] = s
+        return changes
+
+    def _set_node(self, name: str, state: str | None) -> None:
+        try:
+            set_node_state(self.api, name, self.node.node_name, state, stop=self.stop)
+        except AgentError as e:
+            log.warning("bridge.node_state_failed", model=name, error=str(e))
+            with self._lock:  # forget it, so the next report writes it again
+                if self._node_states.get(name) == state:
+                    self._node_states.pop(name, None)
 
     def event(self, name: str, reason: str, message: str, *, warning: bool = False) -> None:
         kind: EventType = "Warning" if warning else "Normal"

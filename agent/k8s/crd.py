@@ -365,3 +365,52 @@ def set_condition(
         except KubeConflictError:
             continue
     raise KubeConflictError(f"condition {name}: still conflicting after 10 attempts")
+
+
+def node_counts(nodes: Mapping[str, str]) -> tuple[int, int]:
+    """(readyNodes, desiredNodes) from ``status.nodes`` (pure)."""
+    return sum(1 for v in nodes.values() if v == "ready"), len(nodes)
+
+
+def set_node_state(
+    api: KubeApi,
+    name: str,
+    node: str,
+    state: str | None,
+    *,
+    backoff: Backoff = CAS_BACKOFF,
+    stop: threading.Event | None = None,
+) -> bool:
+    """Record this node's state for a model in ``status.nodes`` (None removes it) and the two counts.
+
+    Each agent owns one key of the map, so a merge patch never clobbers another node's entry; the
+    counts are recomputed from the version we read and written under its resourceVersion (CAS), so
+    ``kubectl get cachedmodels`` READY/DESIRED never lag a write by more than one retry.
+    Returns False when nothing needed writing (or the CachedModel is gone).
+    """
+    for _ in range(10):
+        try:
+            obj = retrying(lambda: get_cached_model(api, name), what=f"get {name}", backoff=backoff, stop=stop)
+        except KubeApiError as e:
+            if e.status == 404:
+                return False
+            raise
+        status = obj.get("status") or {}
+        nodes = {str(k): str(v) for k, v in (status.get("nodes") or {}).items()}
+        if nodes.get(node) == state and node_counts(nodes) == (status.get("readyNodes"), status.get("desiredNodes")):
+            return False
+        if state is None:
+            nodes.pop(node, None)
+        else:
+            nodes[node] = state
+        ready, desired = node_counts(nodes)
+        rv = str((obj.get("metadata") or {}).get("resourceVersion"))
+        body = {"metadata": {"resourceVersion": rv},
+                "status": {"nodes": {node: state}, "readyNodes": ready, "desiredNodes": desired}}
+        try:
+            retrying(lambda b=body: _patch_status(api, name, b),  # type: ignore[misc]
+                     what=f"node state {name}", backoff=backoff, stop=stop, retry_conflicts=False)
+            return True
+        except KubeConflictError:
+            continue
+    raise KubeConflictError(f"node state {name}: still conflicting after 10 attempts")
