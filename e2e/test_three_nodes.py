@@ -20,8 +20,6 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +29,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from agent.modelgen import MiB, make_hub_model
+from tests.agent_harness import http_get
 from tests.peers.kube_emulator import KubeEmulator
 
 try:  # the ModelExpress test server may be absent in a partial checkout; the PVC path must still be covered
@@ -131,11 +130,7 @@ class Agent:
         wait_until(started, timeout, f"{self.node} started")
 
     def get(self, path: str) -> tuple[int, str]:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", timeout=5) as r:
-                return r.status, r.read().decode()
-        except urllib.error.HTTPError as e:
-            return e.code, e.read().decode()
+        return http_get(self.port, path)
 
     def metric(self, name: str, **labels: str) -> float | None:
         _, text = self.get("/metrics")

@@ -41,11 +41,7 @@ class RunningAgent:
         return {k.split("/", 1)[1] for k in self.node_status()["labels"]}
 
     def get(self, path: str) -> tuple[int, str]:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", timeout=5) as r:
-                return r.status, r.read().decode()
-        except urllib.error.HTTPError as e:
-            return e.code, e.read().decode()
+        return http_get(self.port, path)
 
     def metrics(self) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
         _, text = self.get("/metrics")
@@ -54,6 +50,15 @@ class RunningAgent:
             for s in fam.samples:
                 out[(s.name, tuple(sorted(s.labels.items())))] = s.value
         return out
+
+
+def http_get(port: int, path: str) -> tuple[int, str]:
+    """(status, body) of a GET on an agent's metrics port; HTTP errors are returned, not raised."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
 
 
 def wait_until(pred: Callable[[], bool], timeout: float = 10.0, interval: float = 0.02) -> float:

@@ -99,18 +99,23 @@ class Outbox:
     def put(self, what: str, fn: Callable[[], None]) -> None:
         with self._idle:
             self._pending += 1
+        self._enqueue((what, fn))
+
+    def _enqueue(self, item: tuple[str, Callable[[], None]] | None) -> None:
+        """Queue ``item``, dropping the oldest pending write when full; after close, writes are dropped."""
         while True:
             try:
-                self._q.put_nowait((what, fn))
+                self._q.put_nowait(item)
                 return
             except queue.Full:
                 try:
                     old = self._q.get_nowait()
                 except queue.Empty:
                     continue
-                if old is None:  # closed: put the end marker back and drop the new write
+                if old is None:  # closed: put the end marker back; a new write is dropped
                     self._q.put_nowait(None)
-                    self._finished()
+                    if item is not None:
+                        self._finished()
                     return
                 self.dropped += 1
                 log.warning("bridge.outbox_dropped", what=old[0])
@@ -147,18 +152,7 @@ class Outbox:
 
     def close(self) -> None:
         """Let the thread finish what is queued, then end (nothing queued after this runs)."""
-        while True:
-            try:
-                self._q.put_nowait(None)
-                return
-            except queue.Full:
-                try:
-                    old = self._q.get_nowait()
-                except queue.Empty:
-                    continue
-                if old is not None:
-                    self.dropped += 1
-                    self._finished()
+        self._enqueue(None)
 
 
 class KubeDesiredProvider:
