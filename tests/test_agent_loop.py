@@ -137,3 +137,31 @@ def test_sigterm_stops_cleanly(pvc: Path, tmp_path: Path) -> None:
     assert '"agent.stopped"' in err
     store = Store(cache)
     assert all(store.check(m).ok for m in store.manifests())
+
+
+_TGKILL = {"x86_64": 234, "aarch64": 131}
+
+
+@pytest.mark.skipif(os.uname().machine not in _TGKILL, reason="tgkill syscall number unknown for this machine")
+def test_sigterm_delivered_to_a_worker_thread_still_stops(pvc: Path, tmp_path: Path) -> None:
+    """The kernel may hand SIGTERM to any thread; the main thread must still notice and stop."""
+    import ctypes
+
+    mf = tmp_path / "models.yaml"
+    write_models(mf, [{"name": "model-a", "repo": "org/a"}])
+    cache = tmp_path / "cache"
+    proc = subprocess.Popen(
+        agent_cmd("run", "--no-kubernetes", "--models-file", str(mf), "--source", f"pvc:{pvc}", "--cache-dir",
+                  str(cache), "--metrics-port", "0", "--metrics-host", "127.0.0.1", "--check-interval", "30"),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=str(Path(__file__).parents[1]))
+    try:
+        status = cache / ".agent" / "node-status.json"
+        wait_until(lambda: status.exists() and '"ready"' in status.read_text(), 20)
+        tids = sorted(int(t) for t in os.listdir(f"/proc/{proc.pid}/task") if int(t) != proc.pid)
+        libc = ctypes.CDLL(None, use_errno=True)
+        assert libc.syscall(_TGKILL[os.uname().machine], proc.pid, tids[-1], signal.SIGTERM) == 0
+        _out, err = proc.communicate(timeout=10)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err[-2000:]
+    assert '"agent.stopped"' in err
