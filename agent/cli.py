@@ -120,10 +120,10 @@ def _store(args: argparse.Namespace):  # type: ignore[no-untyped-def]
 
 def cmd_fill(args: argparse.Namespace) -> int:
     from agent.config import parse_sources, source_settings
-    from agent.fill import FillFailed, fill_model
+    from agent.core.spec import FileFilter, validate_repo_id, validate_revision
     from agent.progress import for_terminal
+    from agent.runtime.fill import FillFailed, fill_model
     from agent.sources.factory import open_sources
-    from agent.spec import FileFilter, validate_repo_id, validate_revision
 
     validate_repo_id(args.repo, "repo")
     validate_revision(args.revision, "--revision")
@@ -195,7 +195,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from agent.config import load_run_settings
 
     settings = load_run_settings(args, os.environ)
-    from agent.runtime import run_agent
+    from agent.runtime.agent import run_agent
 
     return run_agent(settings)
 

@@ -16,9 +16,9 @@ from typing import Any
 
 import yaml
 
+from agent.core.spec import LABEL_PREFIX_RE
 from agent.errors import ConfigError
 from agent.sources.base import SourceRef, SourceSettings, parse_source_ref
-from agent.spec import LABEL_PREFIX_RE
 
 DEFAULT_CACHE_DIR = "/var/lib/model-cache"
 DEFAULT_HF_TOKEN_FILE = "/var/run/secrets/hf/token"

@@ -11,11 +11,11 @@ import tempfile
 from pathlib import Path
 
 from agent.cache.store import Store
-from agent.fill import fill_model
+from agent.core.spec import FileFilter
 from agent.modelgen import MiB, make_hub_model
 from agent.progress import for_terminal
+from agent.runtime.fill import fill_model
 from agent.sources.pvc import PvcSource
-from agent.spec import FileFilter
 from agent.status import format_table, status_rows
 
 DEMO_REPO = "demo/tiny-llama"

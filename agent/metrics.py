@@ -19,7 +19,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
 
-from agent.desired import ModelStatus
+from agent.core.desired import ModelStatus
 
 PREFIX = "modelcache_"
 LEVELS = ("verified", "computed")

@@ -20,7 +20,7 @@ from safetensors.numpy import save_file
 
 from agent.cache.hashing import hash_file
 from agent.cache.layout import blob_link_target, repo_folder_name
-from agent.plan import guess_algo
+from agent.core.plan import guess_algo
 
 MiB = 1024 * 1024
 VOCAB = ["[UNK]", "[PAD]", "<s>", "</s>", "hello", "world", "model", "cache", "node", "warm", "gpu", "fast"]

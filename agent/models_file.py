@@ -15,11 +15,12 @@ from typing import Any
 
 import structlog
 import yaml
+from watchdog.events import FileSystemEvent, FileSystemEventHandler
+from watchdog.observers import Observer
 
-from agent.desired import DesiredState
+from agent.core.desired import DesiredState
+from agent.core.spec import ModelSpec, parse_model_spec
 from agent.errors import ConfigError, SpecError
-from agent.spec import ModelSpec, parse_model_spec
-from agent.watch import FileWatcher
 
 log = structlog.get_logger("agent.models_file")
 
@@ -65,6 +66,52 @@ def _name_of(item: Any) -> str | None:
     meta = item.get("metadata")
     name = meta.get("name") if isinstance(meta, dict) else item.get("name")
     return name if isinstance(name, str) and name else None
+
+
+class _FileHandler(FileSystemEventHandler):
+    def __init__(self, poke: Callable[[], None]) -> None:
+        self.poke = poke
+
+    def on_any_event(self, event: FileSystemEvent) -> None:
+        if event.event_type not in ("opened", "closed_no_write"):
+            self.poke()
+
+
+class FileWatcher:
+    """Calls ``on_change`` (debounced) when a file may have changed, ConfigMap symlink swaps included.
+
+    Watches the file's folder, not the file: a ConfigMap update replaces the ``..data`` symlink, so
+    the file's own inode never changes. The callback re-reads and compares content itself.
+    """
+
+    def __init__(self, path: Path, on_change: Callable[[], None], *, debounce: float = 0.2) -> None:
+        self.path = path
+        self.on_change = on_change
+        self.debounce = debounce
+        self._timer: threading.Timer | None = None
+        self._mu = threading.Lock()
+        self._observer = Observer()
+        self._observer.daemon = True
+        self._observer.schedule(_FileHandler(self._poke), str(path.parent), recursive=False)
+
+    def _poke(self) -> None:
+        with self._mu:
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer = threading.Timer(self.debounce, self.on_change)
+            self._timer.daemon = True
+            self._timer.start()
+
+    def start(self) -> FileWatcher:
+        self._observer.start()
+        return self
+
+    def stop(self) -> None:
+        self._observer.stop()
+        self._observer.join(timeout=5)
+        with self._mu:
+            if self._timer is not None:
+                self._timer.cancel()
 
 
 class ModelsFileProvider:

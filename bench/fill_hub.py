@@ -27,10 +27,10 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 from huggingface_hub import snapshot_download
 
 from agent.cache.store import Store
+from agent.core.spec import FileFilter
 from agent.modelgen import make_model_dir
 from agent.sources.base import NullProgress, SourceSettings
 from agent.sources.hub import HubSource
-from agent.spec import FileFilter
 from bench.common import parse_size
 from tests.peers.hub_server import HubServer
 

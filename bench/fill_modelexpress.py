@@ -34,11 +34,11 @@ from pathlib import Path
 import grpc
 
 from agent.cache.store import Store
+from agent.core.spec import FileFilter
 from agent.modelgen import MiB, make_hub_model
 from agent.sources._proto import model_pb2, model_pb2_grpc
 from agent.sources.base import NullProgress, SourceSettings
 from agent.sources.modelexpress import ModelExpressSource
-from agent.spec import FileFilter
 from bench.common import parse_size
 
 REPO = "bench/mx-model"

@@ -31,14 +31,14 @@ import yaml
 
 from agent.cache.manifest import Manifest
 from agent.cache.store import Store
-from agent.desired import DesiredState
-from agent.fill import fill_model
+from agent.core.desired import DesiredState
+from agent.core.spec import ModelSpec
 from agent.log import configure
 from agent.modelgen import make_model_dir, write_hub_layout
-from agent.reconcile import Reconciler
-from agent.scrub import Scrubber
+from agent.runtime.fill import fill_model
+from agent.runtime.loop import Reconciler
+from agent.runtime.scrub import Scrubber
 from agent.sources.pvc import PvcSource
-from agent.spec import ModelSpec
 from bench.common import drop_caches, parse_size
 
 MiB = 1 << 20

@@ -15,7 +15,7 @@ from typing import Any
 from prometheus_client.parser import text_string_to_metric_families
 
 from agent.config import RunSettings
-from agent.runtime import run_agent
+from agent.runtime.agent import run_agent
 from agent.sources.base import SourceRef, SourceSettings
 
 

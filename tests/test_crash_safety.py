@@ -21,10 +21,10 @@ import pytest
 from agent.cache.hashing import hash_file
 from agent.cache.layout import repo_folder_name
 from agent.cache.store import Store
+from agent.core.plan import algo_for_blob_name
 from agent.errors import DiskFullError
-from agent.fill import fill_model
 from agent.modelgen import MiB, make_hub_model
-from agent.plan import algo_for_blob_name
+from agent.runtime.fill import fill_model
 from agent.sources.pvc import PvcSource
 from tests.conftest import agent_cmd
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import random
 
-from agent.desired import ModelStatus, backoff_delay, plan_actions
-from agent.spec import ModelSpec
+from agent.core.desired import ModelStatus, backoff_delay, plan_actions
+from agent.core.spec import ModelSpec
 
 
 def spec(name: str, priority: int = 100) -> ModelSpec:

@@ -7,10 +7,10 @@ from pathlib import Path
 import yaml
 
 from agent.cache.store import Store
+from agent.core.eviction import Candidate, plan_eviction
 from agent.errors import DiskFullError
-from agent.eviction import Candidate, plan_eviction
-from agent.fill import fill_model
 from agent.modelgen import MiB, make_hub_model
+from agent.runtime.fill import fill_model
 from agent.sources.pvc import PvcSource
 from tests.agent_harness import running_agent, settings_for, wait_until
 

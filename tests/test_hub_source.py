@@ -21,11 +21,11 @@ from huggingface_hub.errors import HfHubHTTPError
 import tests.peers.hub_fixtures as hub_fixtures
 from agent.cache.manifest import Manifest
 from agent.cache.store import Store
+from agent.core.spec import FileFilter
 from agent.errors import AuthError, IntegrityError, NotFoundError, TransientSourceError
 from agent.modelgen import MiB
 from agent.sources.base import NullProgress, SourceRef, SourceSettings
 from agent.sources.hub import HubSource, open_source
-from agent.spec import FileFilter
 from tests.peers.hub_server import HubServer, git_blob_sha1, wait_for
 
 hub = hub_fixtures.hub

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from agent.desired import DesiredState
+from agent.core.desired import DesiredState
 from agent.errors import SpecError
 from agent.k8s.bridge import (
     PROGRESS_STEP,

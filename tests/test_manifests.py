@@ -23,8 +23,8 @@ import pytest
 import yaml
 
 from agent.config import DEFAULT_CACHE_DIR, DEFAULT_HF_TOKEN_FILE, DEFAULT_MX_TOKEN_FILE, load_config_file
+from agent.core.spec import parse_model_spec
 from agent.errors import ConfigError, SpecError
-from agent.spec import parse_model_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 MANIFESTS = ROOT / "manifests"

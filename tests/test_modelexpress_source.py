@@ -19,6 +19,8 @@ import pytest
 
 from agent.cache.manifest import Manifest
 from agent.cache.store import Store
+from agent.core.plan import ModelPlan
+from agent.core.spec import FileFilter
 from agent.errors import (
     AuthError,
     ConfigError,
@@ -29,10 +31,8 @@ from agent.errors import (
     TransientSourceError,
 )
 from agent.modelgen import MiB, file_digests, make_hub_model
-from agent.plan import ModelPlan
 from agent.sources.base import NullProgress, SourceRef, SourceSettings
 from agent.sources.modelexpress import ModelExpressSource, open_source, parse_address
-from agent.spec import FileFilter
 from tests.peers.mx_server import Faults, MxServer
 
 REPO = "org/mx-model"

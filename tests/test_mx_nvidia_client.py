@@ -26,11 +26,11 @@ import pytest
 from google.protobuf import descriptor_pb2, text_format
 
 from agent.cache.store import Store
+from agent.core.spec import FileFilter
 from agent.modelgen import MiB, make_hub_model
 from agent.sources._proto import model_pb2
 from agent.sources.base import NullProgress, SourceSettings
 from agent.sources.modelexpress import ModelExpressSource
-from agent.spec import FileFilter
 from tests.peers.mx_server import MxServer
 
 MX_VERSION = "0.7.0"

@@ -13,12 +13,12 @@ from huggingface_hub import scan_cache_dir, snapshot_download
 
 from agent.cache.layout import repo_folder_name
 from agent.cache.store import Store
+from agent.core.plan import algo_for_blob_name
+from agent.core.spec import FileFilter
 from agent.errors import IntegrityError, NotFoundError, SourceError, UnsafePathError
-from agent.fill import FillFailed, fill_model
 from agent.modelgen import MiB, make_hub_model
-from agent.plan import algo_for_blob_name
+from agent.runtime.fill import FillFailed, fill_model
 from agent.sources.pvc import PvcSource
-from agent.spec import FileFilter
 from tests.conftest import PvcModel
 
 

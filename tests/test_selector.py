@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from agent.core.selector import coverage_table, label_patch, matches, model_states, validate
 from agent.errors import SpecError
-from agent.selector import coverage_table, label_patch, matches, model_states, validate
 
 GPU = {"nvidia.com/gpu.present": "true", "zone": "a", "pool": "h100"}
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from agent.core.spec import FileFilter, is_commit, name_from_repo, parse_model_spec, validate_revision
 from agent.errors import SpecError
-from agent.spec import FileFilter, is_commit, name_from_repo, parse_model_spec, validate_revision
 
 GOOD = {
     "apiVersion": "modelcache.dev/v1alpha1",

@@ -13,7 +13,7 @@ import yaml
 
 from agent.cache.store import Store
 from agent.modelgen import MiB, make_hub_model
-from agent.scrub import Pacer
+from agent.runtime.scrub import Pacer
 from tests.agent_harness import RunningAgent, running_agent, settings_for, wait_until
 
 REPO = "org/tamper"

@@ -25,8 +25,8 @@ from pathlib import Path
 
 import xxhash
 
+from agent.core.plan import HashAlgo
 from agent.errors import DiskFullError
-from agent.plan import HashAlgo
 
 CHUNK = 8 * 1024 * 1024
 DIRECT_ALIGN = 4096  # O_DIRECT needs block-aligned offsets, lengths and buffers; 4 KiB suits all disks

@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from agent.plan import HashAlgo, VerificationLevel
+from agent.core.plan import HashAlgo, VerificationLevel
 
 MANIFEST_VERSION = 1
 

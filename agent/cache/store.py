@@ -31,8 +31,8 @@ from agent.cache.fsutil import (
 from agent.cache.hashing import Digests, DigestWriter, WriteFn, hash_file
 from agent.cache.layout import CacheLayout, blob_link_target, repo_from_folder_name, safe_relpath
 from agent.cache.manifest import Manifest, ManifestFile, load_manifest, write_json_atomic
+from agent.core.plan import FileEntry, ModelPlan
 from agent.errors import DiskFullError, IntegrityError, LockedError
-from agent.plan import FileEntry, ModelPlan
 
 PARTIAL_MAX_AGE = 24 * 3600.0
 

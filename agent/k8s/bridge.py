@@ -19,8 +19,9 @@ from collections.abc import Callable, Mapping
 
 import structlog
 
-from agent import selector
-from agent.desired import DesiredState
+from agent.core import selector
+from agent.core.desired import DesiredState
+from agent.core.spec import ModelSpec
 from agent.errors import AgentError, SpecError
 from agent.k8s.client import KubeApi
 from agent.k8s.crd import (
@@ -33,7 +34,6 @@ from agent.k8s.crd import (
 )
 from agent.k8s.events import EventRecorder, EventType
 from agent.k8s.node import NodeReporter, ready_labels
-from agent.spec import ModelSpec
 
 log = structlog.get_logger("agent.k8s.bridge")
 

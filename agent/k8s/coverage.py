@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from agent.core.selector import model_states
 from agent.k8s.client import READ_BACKOFF, Backoff, KubeApi, call, retrying
-from agent.selector import model_states
 
 
 def read_coverage(

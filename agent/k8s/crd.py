@@ -25,10 +25,10 @@ import structlog
 from kubernetes import watch as k8s_watch
 from kubernetes.client.exceptions import ApiException
 
-from agent import selector
+from agent.core import selector
+from agent.core.spec import ModelSpec, parse_model_spec
 from agent.errors import KubeApiError, KubeConflictError, SpecError
 from agent.k8s.client import CAS_BACKOFF, MERGE_PATCH, WATCH_BACKOFF, Backoff, KubeApi, call, classify, retrying
-from agent.spec import ModelSpec, parse_model_spec
 
 log = structlog.get_logger("agent.k8s.crd")
 

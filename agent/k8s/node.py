@@ -22,9 +22,9 @@ from typing import Any
 
 import structlog
 
+from agent.core.selector import READY, label_patch, status_key
 from agent.errors import KubeApiError
 from agent.k8s.client import MERGE_PATCH, WRITE_BACKOFF, Backoff, KubeApi, call, retrying
-from agent.selector import READY, label_patch, status_key
 
 log = structlog.get_logger("agent.k8s.node")
 

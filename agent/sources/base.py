@@ -8,13 +8,14 @@ the verification and publishing, so a source only moves bytes.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from agent.cache.store import Fill
+from agent.core.plan import FileEntry, ModelPlan
+from agent.core.retry import RetryPolicy
+from agent.core.spec import FileFilter
 from agent.errors import ConfigError
-from agent.plan import FileEntry, ModelPlan
-from agent.spec import FileFilter
 
 
 class Progress(Protocol):
@@ -67,6 +68,7 @@ class SourceSettings:
     retries: int = 5  # attempts for transient errors
     backoff: tuple[float, ...] = (0.5, 1.0, 2.0, 4.0, 8.0)  # seconds between attempts (jitter added)
     max_workers: int = 4  # files fetched at once
+    retry: RetryPolicy = field(default_factory=lambda: RetryPolicy(attempts=5, base=0.5, cap=8.0, jitter=0.25))
 
 
 @dataclass(frozen=True)

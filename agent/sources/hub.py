@@ -61,6 +61,8 @@ from huggingface_hub.utils._runtime import is_xet_available
 from agent.cache.hashing import MultiHasher
 from agent.cache.layout import safe_relpath
 from agent.cache.store import Fill
+from agent.core.plan import FileEntry, ModelPlan, is_hex
+from agent.core.spec import FileFilter, is_commit
 from agent.errors import (
     AgentError,
     AuthError,
@@ -70,9 +72,7 @@ from agent.errors import (
     SourceError,
     TransientSourceError,
 )
-from agent.plan import FileEntry, ModelPlan, is_hex
 from agent.sources.base import Progress, SourceRef, SourceSettings
-from agent.spec import FileFilter, is_commit
 
 log = structlog.get_logger(__name__)
 T = TypeVar("T")

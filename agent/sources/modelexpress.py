@@ -32,6 +32,8 @@ import structlog
 
 from agent.cache.hashing import Digests, DigestWriter
 from agent.cache.store import Fill
+from agent.core.plan import FileEntry, ModelPlan, guess_algo
+from agent.core.spec import FileFilter, is_commit
 from agent.errors import (
     AuthError,
     ConfigError,
@@ -42,11 +44,9 @@ from agent.errors import (
     TransientSourceError,
     UnsafePathError,
 )
-from agent.plan import FileEntry, ModelPlan, guess_algo
 from agent.sources._proto import health_pb2, health_pb2_grpc, model_pb2, model_pb2_grpc
 from agent.sources.base import Progress, SourceRef, SourceSettings
 from agent.sources.mx_stream import StreamValidator, check_commit, check_listing
-from agent.spec import FileFilter, is_commit
 
 DEFAULT_PORT = 8001
 MiB = 1024 * 1024

@@ -21,8 +21,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from agent.cache.layout import safe_relpath
+from agent.core.plan import is_hex
 from agent.errors import ProtocolError
-from agent.plan import is_hex
 
 
 def check_commit(value: str | None, what: str) -> str:

@@ -16,10 +16,10 @@ from pathlib import Path
 from agent.cache.hashing import copy_into
 from agent.cache.layout import repo_folder_name, safe_relpath
 from agent.cache.store import Fill
+from agent.core.plan import FileEntry, ModelPlan, algo_for_blob_name, guess_algo
+from agent.core.spec import FileFilter, is_commit
 from agent.errors import NotFoundError, SourceError, UnsafePathError
-from agent.plan import FileEntry, ModelPlan, algo_for_blob_name, guess_algo
 from agent.sources.base import Progress, SourceRef, SourceSettings
-from agent.spec import FileFilter, is_commit
 
 
 def find_hub_dir(path: Path) -> Path:

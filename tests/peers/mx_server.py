@@ -39,9 +39,9 @@ from typing import Any
 import grpc
 
 from agent.cache.layout import repo_folder_name
+from agent.core.spec import is_commit, validate_repo_id
 from agent.errors import SpecError
 from agent.sources._proto import health_pb2, health_pb2_grpc, model_pb2, model_pb2_grpc
-from agent.spec import is_commit, validate_repo_id
 
 DEFAULT_CHUNK = 32 * 1024
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".gif", ".bmp", ".svg", ".webp", ".ico", ".tiff")

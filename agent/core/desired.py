@@ -11,8 +11,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
+from agent.core.spec import ModelSpec
 from agent.errors import SpecError
-from agent.spec import ModelSpec
 
 ModelState = Literal["pending", "filling", "ready", "failed", "damaged", "invalid"]
 

@@ -19,14 +19,14 @@ from typing import Protocol
 import structlog
 
 from agent.cache.store import Store
-from agent.desired import DesiredState, ModelStatus, backoff_delay, plan_actions
+from agent.core.desired import DesiredState, ModelStatus, backoff_delay, plan_actions
+from agent.core.eviction import Candidate, plan_eviction
+from agent.core.spec import ModelSpec, is_commit
 from agent.errors import AgentError, DiskFullError
-from agent.eviction import Candidate, plan_eviction
-from agent.fill import FillFailed, FillResult, fill_model
+from agent.runtime.fill import FillFailed, FillResult, fill_model
 from agent.sources.base import Source
-from agent.spec import ModelSpec, is_commit
 
-log = structlog.get_logger("agent.reconcile")
+log = structlog.get_logger("agent.runtime.loop")
 
 
 class Reporter(Protocol):

@@ -15,7 +15,7 @@ import structlog
 
 from agent.cache.store import Store, VerifyReport
 
-log = structlog.get_logger("agent.scrub")
+log = structlog.get_logger("agent.runtime.scrub")
 
 
 class Pacer:

@@ -1,4 +1,4 @@
-"""watchdog observers: changes under hub/ mark a model dirty; a models file reloads on change.
+"""watchdog observer on hub/: a change marks a model dirty for an immediate re-check.
 
 Only the *fact* of a change crosses into the loop (repo + blob names); the loop decides what it
 means by re-checking from disk, so the agent's own writes cannot cause a loop (checks never write).
@@ -6,7 +6,6 @@ means by re-checking from disk, so the agent's own writes cannot cause a loop (c
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -66,49 +65,3 @@ class HubWatcher:
     def stop(self) -> None:
         self._observer.stop()
         self._observer.join(timeout=5)
-
-
-class _FileHandler(FileSystemEventHandler):
-    def __init__(self, poke: Callable[[], None]) -> None:
-        self.poke = poke
-
-    def on_any_event(self, event: FileSystemEvent) -> None:
-        if event.event_type not in ("opened", "closed_no_write"):
-            self.poke()
-
-
-class FileWatcher:
-    """Calls ``on_change`` (debounced) when a file may have changed, ConfigMap symlink swaps included.
-
-    Watches the file's folder, not the file: a ConfigMap update replaces the ``..data`` symlink, so
-    the file's own inode never changes. The callback re-reads and compares content itself.
-    """
-
-    def __init__(self, path: Path, on_change: Callable[[], None], *, debounce: float = 0.2) -> None:
-        self.path = path
-        self.on_change = on_change
-        self.debounce = debounce
-        self._timer: threading.Timer | None = None
-        self._mu = threading.Lock()
-        self._observer = Observer()
-        self._observer.daemon = True
-        self._observer.schedule(_FileHandler(self._poke), str(path.parent), recursive=False)
-
-    def _poke(self) -> None:
-        with self._mu:
-            if self._timer is not None:
-                self._timer.cancel()
-            self._timer = threading.Timer(self.debounce, self.on_change)
-            self._timer.daemon = True
-            self._timer.start()
-
-    def start(self) -> FileWatcher:
-        self._observer.start()
-        return self
-
-    def stop(self) -> None:
-        self._observer.stop()
-        self._observer.join(timeout=5)
-        with self._mu:
-            if self._timer is not None:
-                self._timer.cancel()

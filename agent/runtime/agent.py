@@ -21,19 +21,19 @@ import structlog
 
 from agent.cache.fsutil import write_text_atomic
 from agent.cache.store import Store
+from agent.cache.watch import HubWatcher
 from agent.config import RunSettings
 from agent.errors import ConfigError
 from agent.metrics import HealthServer, Metrics, StateCollector, loop_alive
 from agent.models_file import ModelsFileProvider
-from agent.reconcile import Reconciler
-from agent.scrub import Scrubber
+from agent.runtime.loop import Reconciler
+from agent.runtime.scrub import Scrubber
 from agent.sources.factory import open_sources
-from agent.watch import HubWatcher
 
 if TYPE_CHECKING:  # only cluster mode imports the kubernetes client
     from agent.k8s.node import NodeReporter
 
-log = structlog.get_logger("agent.runtime")
+log = structlog.get_logger("agent.runtime.agent")
 
 
 class LocalReporter:

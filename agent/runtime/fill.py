@@ -15,12 +15,12 @@ import structlog
 
 from agent.cache.manifest import Manifest
 from agent.cache.store import Fill, Store
+from agent.core.plan import FileEntry, ModelPlan
+from agent.core.spec import FileFilter
 from agent.errors import AgentError, DiskFullError, IntegrityError, SourceError, UnsafePathError
-from agent.plan import FileEntry, ModelPlan
 from agent.sources.base import NullProgress, Progress, Source
-from agent.spec import FileFilter
 
-log = structlog.get_logger("agent.fill")
+log = structlog.get_logger("agent.runtime.fill")
 METADATA_KINDS = ("pvc", "hub")  # sources whose digests we trust (blob names, Hub tree API)
 
 

@@ -1,0 +1,1 @@
+"""Runtime: the agent loop, fills and scrub wired from the adapters (cache, sources, k8s, metrics)."""
