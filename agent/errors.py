@@ -88,6 +88,16 @@ class DiskFullError(AgentError):
         self.shortfall = shortfall
 
 
+class Cancelled(AgentError):
+    """The fill was asked to stop (SIGTERM, the model was dropped); staged bytes are kept for a resume."""
+
+    permanent = False
+
+    def __init__(self, message: str = "fill stopped", *, reason: str = "stopped") -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
 class LockedError(AgentError):
     """Another process holds the repo lock and we were told not to wait."""
 

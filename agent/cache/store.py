@@ -32,7 +32,7 @@ from agent.cache.hashing import Digests, DigestWriter, WriteFn, hash_file
 from agent.cache.layout import CacheLayout, blob_link_target, repo_from_folder_name, safe_relpath
 from agent.cache.manifest import Manifest, ManifestFile, load_manifest, write_json_atomic
 from agent.core.plan import FileEntry, ModelPlan
-from agent.errors import DiskFullError, IntegrityError, LockedError
+from agent.errors import Cancelled, DiskFullError, IntegrityError, LockedError
 
 PARTIAL_MAX_AGE = 24 * 3600.0
 
@@ -287,10 +287,10 @@ class Store:
 
     # -- filling ---------------------------------------------------------------------------------
 
-    def begin(self, plan: ModelPlan) -> Fill:
-        """Start a fill (call under ``lock(plan.repo)``)."""
+    def begin(self, plan: ModelPlan, *, stop: threading.Event | None = None) -> Fill:
+        """Start a fill (call under ``lock(plan.repo)``); ``stop`` cancels it between chunks."""
         self.ensure_dirs()
-        return Fill(self, plan)
+        return Fill(self, plan, stop=stop)
 
     # -- removal ---------------------------------------------------------------------------------
 
@@ -354,14 +354,20 @@ class Fill:
     downloader wrote at ``part_path``), then ``complete``. Safe to call from several threads.
     """
 
-    def __init__(self, store: Store, plan: ModelPlan) -> None:
+    def __init__(self, store: Store, plan: ModelPlan, *, stop: threading.Event | None = None) -> None:
         self.store = store
         self.plan = plan
+        self.stop = stop or threading.Event()  # sources call ``check_stop`` between chunks
         self.dir = store.layout.staging_dir(plan.repo) / plan.commit
         self.files_dir = self.dir / "files"
         make_dirs(self.files_dir)
         self._done: dict[str, ManifestFile] = {}
         self._mu = threading.Lock()
+
+    def check_stop(self) -> None:
+        """Raise ``Cancelled`` once the fill was asked to stop; sources call it between chunks."""
+        if self.stop.is_set():
+            raise Cancelled(f"{self.plan.repo}@{self.plan.commit[:12]}: fill stopped; staged bytes kept")
 
     # which files need bytes
 

@@ -121,7 +121,7 @@ def fill_model(
                 plan = replace(plan, ref=revision)
             plan = trusted_from_manifest(store, plan)
             plan = enrich_digests(plan, [s for j, s in enumerate(sources) if j != i], files)
-            return _fill_from(store, src, plan, progress, lock_timeout, blog)
+            return _fill_from(store, src, plan, progress, lock_timeout, blog, stop)
         except DiskFullError:
             raise
         except (SourceError, IntegrityError, UnsafePathError) as e:
@@ -132,12 +132,12 @@ def fill_model(
 
 def _fill_from(
     store: Store, src: Source, plan: ModelPlan, progress: Progress, lock_timeout: float | None,
-    blog: structlog.stdlib.BoundLogger,
+    blog: structlog.stdlib.BoundLogger, stop: threading.Event | None = None,
 ) -> FillResult:
     t0 = time.monotonic()
     with store.lock(plan.repo, timeout=lock_timeout):
         store.sweep_staging(plan.repo)
-        fill = store.begin(plan)
+        fill = store.begin(plan, stop=stop)
         needed = fill.needed()
         total = sum(e.size for e in needed)
         blog.info("fill.start", commit=plan.commit, files=len(plan.files), needed_files=len(needed),
