@@ -16,6 +16,8 @@ from typing import Any
 
 import yaml
 
+from agent.core.actions import FILL_BACKOFF
+from agent.core.retry import RetryPolicy
 from agent.core.spec import LABEL_PREFIX_RE
 from agent.errors import ConfigError
 from agent.sources.base import SourceRef, SourceSettings, parse_source_ref
@@ -112,7 +114,7 @@ class RunSettings:
     disk_budget_bytes: int = 0  # 0: no budget beyond free space
     evict_min_age: float = 600.0  # never evict a snapshot verified less than this long ago
     termination_budget: float = 45.0
-    backoff: tuple[float, ...] = (1.0, 2.0, 5.0, 15.0, 60.0, 300.0)
+    fill_backoff: RetryPolicy = FILL_BACKOFF  # wait between failed fills of one model
     extra: dict[str, Any] = field(default_factory=dict)
 
 

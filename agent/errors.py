@@ -75,6 +75,14 @@ class IntegrityError(AgentError):
         self.path = path
 
 
+class CorruptStateError(AgentError):
+    """One of the agent's own state files (a manifest, a model record) cannot be read or parsed."""
+
+    def __init__(self, path: str, message: str) -> None:
+        super().__init__(f"{path}: {message}")
+        self.path = path
+
+
 class DiskFullError(AgentError):
     """Not enough free space (checked before writing, or ENOSPC while writing).
 

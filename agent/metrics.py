@@ -10,7 +10,7 @@ from __future__ import annotations
 import shutil
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -19,11 +19,10 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
 
-from agent.core.desired import ModelStatus
+from agent.core.desired import STATES, ModelStatus
 
 PREFIX = "modelcache_"
 LEVELS = ("verified", "computed")
-STATES = ("pending", "filling", "ready", "failed", "damaged", "invalid")
 
 # Every metric family the agent exports (dashboards and alert rules are tested against this list).
 METRIC_NAMES = frozenset({
@@ -39,7 +38,7 @@ METRIC_NAMES = frozenset({
 class StateCollector(Collector):
     """Gauges built from ``snapshot()`` at scrape time."""
 
-    def __init__(self, snapshot: Callable[[], list[ModelStatus]], cache_root: Path,
+    def __init__(self, snapshot: Callable[[], Sequence[ModelStatus]], cache_root: Path,
                  cache_bytes: Callable[[], int], last_pass: Callable[[], float]) -> None:
         self._snapshot = snapshot
         self._root = cache_root
@@ -130,7 +129,7 @@ class HealthServer:
     """/metrics, /healthz (loop passed recently), /readyz (initial scan done) on one port."""
 
     def __init__(self, registry: CollectorRegistry, host: str, port: int, *,
-                 alive: Callable[[], bool], ready: Callable[[], bool]) -> None:
+                 alive: Callable[[], tuple[bool, str]], ready: Callable[[], tuple[bool, str]]) -> None:
         registry_ = registry
 
         class Handler(BaseHTTPRequestHandler):
@@ -138,12 +137,9 @@ class HealthServer:
                 path = self.path.split("?", 1)[0]
                 if path == "/metrics":
                     self._send(200, generate_latest(registry_), CONTENT_TYPE_LATEST)
-                elif path == "/healthz":
-                    ok = alive()
-                    self._send(200 if ok else 503, b"ok\n" if ok else b"loop stalled\n")
-                elif path == "/readyz":
-                    ok = ready()
-                    self._send(200 if ok else 503, b"ok\n" if ok else b"initial scan not done\n")
+                elif path in ("/healthz", "/readyz"):
+                    ok, why = (alive if path == "/healthz" else ready)()
+                    self._send(200 if ok else 503, why.encode() + b"\n")
                 else:
                     self._send(404, b"not found\n")
 
@@ -171,5 +167,41 @@ class HealthServer:
         self.httpd.server_close()
 
 
-def loop_alive(last_pass: Callable[[], float], max_age: float) -> Callable[[], bool]:
-    return lambda: time.time() - last_pass() < max_age
+class Health:
+    """What /healthz and /readyz answer: every agent thread alive and the loop passing; ready once it knows.
+
+    Alive from the first second (a process waiting for the API server is healthy, not stuck), so the
+    liveness probe never restarts an agent for being patient. A thread of the agent that died (the
+    loop, a fill worker, the watcher, the scrub) makes /healthz fail: restarting is then the fix.
+    """
+
+    def __init__(self, *, max_pass_age: float, last_pass: Callable[[], float],
+                 clock: Callable[[], float] = time.time) -> None:
+        self.max_pass_age = max_pass_age
+        self.last_pass = last_pass
+        self.clock = clock
+        self.waiting_for = ""  # shown by /readyz while start-up waits (e.g. for the API server)
+        self._checks: list[tuple[str, Callable[[], bool]]] = []
+        self._ready: Callable[[], bool] = lambda: False
+
+    def watch(self, name: str, is_alive: Callable[[], bool]) -> None:
+        self._checks.append((name, is_alive))
+
+    def ready_when(self, pred: Callable[[], bool]) -> None:
+        self._ready = pred
+
+    def alive(self) -> tuple[bool, str]:
+        dead = [name for name, ok in list(self._checks) if not ok()]
+        if dead:
+            return False, "dead: " + ", ".join(dead)
+        last = self.last_pass()
+        if last and self.clock() - last > self.max_pass_age:
+            return False, f"loop stalled: last pass {self.clock() - last:.0f}s ago"
+        return True, "ok"
+
+    def ready(self) -> tuple[bool, str]:
+        if self.waiting_for:
+            return False, f"waiting for {self.waiting_for}"
+        if not self._ready():
+            return False, "initial scan not done"
+        return self.alive()

@@ -15,6 +15,7 @@ from typing import Any
 from prometheus_client.parser import text_string_to_metric_families
 
 from agent.config import RunSettings
+from agent.core.retry import RetryPolicy
 from agent.runtime.agent import run_agent
 from agent.sources.base import SourceRef, SourceSettings
 
@@ -83,7 +84,7 @@ def settings_for(cache: Path, models_file: Path, sources: list[str], **kw: Any) 
         metrics_port=0,
         check_interval=0.5,
         scrub_interval=0.0,
-        backoff=(0.2, 0.5, 1.0),
+        fill_backoff=RetryPolicy(base=0.2, factor=2.5, cap=1.0, jitter=0.2),
         termination_budget=5.0,
     )
     return replace(base, **kw)

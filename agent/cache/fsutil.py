@@ -1,4 +1,5 @@
-"""Small filesystem primitives the store is built from: world-readable dirs, dir fsync, atomic swap."""
+"""Small filesystem primitives the store is built from: world-readable dirs, dir fsync, atomic swap and
+write, and one mapping of "out of space" (bytes or inodes, quota or disk) to ``DiskFullError``."""
 
 from __future__ import annotations
 
@@ -7,7 +8,13 @@ import ctypes.util
 import errno
 import os
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+
+from agent.errors import DiskFullError
+
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 
 DIR_MODE = 0o755
 FILE_MODE = 0o644
@@ -84,15 +91,40 @@ def rmtree_quiet(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
 
-def write_text_atomic(path: Path, text: str, tmp_dir: Path, *, fsync: bool = True) -> None:
-    """Write a small file via a temp in ``tmp_dir`` (same filesystem), so no temp name ever shows in ``path``'s dir."""
+@contextmanager
+def disk_full_as_error(what: str) -> Iterator[None]:
+    """Turn ENOSPC/EDQUOT from any step (data, mkdir, create, symlink, rename) into one clear error.
+
+    Running out of inodes fails a ``mkdir`` or ``symlink`` as surely as running out of bytes fails a
+    ``write``; every step of a fill and a publish runs inside this, so the user sees one message.
+    """
+    try:
+        yield
+    except DiskFullError:
+        raise
+    except OSError as e:
+        if e.errno in NO_SPACE:
+            raise DiskFullError(f"disk full while {what}: {e.strerror} ({e.filename or ''})".replace(" ()", "")) from e
+        raise
+
+
+def write_atomic(path: Path, data: str | bytes, *, tmp_dir: Path | None = None, fsync: bool = True) -> None:
+    """Write a small file via a uniquely named temp in ``tmp_dir`` (default: beside it), then rename.
+
+    With ``fsync`` the data and the directory entry are durable before this returns. A temp in another
+    folder of the same filesystem (staging) keeps temp names out of folders workers list.
+    """
+    tmp_dir = tmp_dir or path.parent
     make_dirs(tmp_dir)
     make_dirs(path.parent)
     tmp = tmp_dir / f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp"
+    raw = data.encode() if isinstance(data, str) else data
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, FILE_MODE)
         try:
-            os.write(fd, text.encode())
+            view = memoryview(raw)
+            while view:
+                view = view[os.write(fd, view):]
             if fsync:
                 os.fsync(fd)
         finally:

@@ -9,7 +9,9 @@
           trees/<commit>.json         file listing as huggingface_hub 2.x writes it (hub source)
       .agent/                         ours, same filesystem so renames are atomic
         staging/<repo-folder>/<id>/   files and snapshot trees being built
-        manifests/<repo-folder>/<commit>.json
+        manifests/<repo-folder>/<commit>.json           verified files of one snapshot (union of its fills)
+        manifests/<repo-folder>/<commit>.json.pending   written before the tree swap, renamed after it
+        models/<name>.json            the file set each model was filled with (what "ready" means)
         locks/<repo-folder>.lock
 """
 
@@ -87,6 +89,13 @@ class CacheLayout:
     def locks_root(self) -> Path:
         return self.agent_dir / "locks"
 
+    @property
+    def records_root(self) -> Path:
+        return self.agent_dir / "models"
+
+    def record_path(self, name: str) -> Path:
+        return self.records_root / f"{name}.json"
+
     def repo_dir(self, repo: str) -> Path:
         return self.hub / repo_folder_name(repo)
 
@@ -122,6 +131,9 @@ class CacheLayout:
 
     def manifest_path(self, repo: str, commit: str) -> Path:
         return self.manifest_dir(repo) / f"{commit}.json"
+
+    def pending_manifest_path(self, repo: str, commit: str) -> Path:
+        return self.manifest_dir(repo) / f"{commit}.json.pending"
 
     def lock_path(self, repo: str) -> Path:
         return self.locks_root / f"{repo_folder_name(repo)}.lock"

@@ -3,17 +3,22 @@
 One JSON file per (repo, commit) in ``.agent/manifests``. It records, per file, the size, the Hub
 digest (which is also the blob name), xxh3-128, and the blob's mtime and inode at publish time, so a
 restarted agent can trust a snapshot after a stat (no hashing) and a scrub can re-read with xxh3.
+
+A publish writes ``<commit>.json.pending`` first, swaps the snapshot tree in, then renames the
+pending file over ``<commit>.json``; a crash in between leaves a pending file that the next start
+rolls forward (the tree is there) or drops (it is not), so a manifest never names files that were
+never published.
 """
 
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from agent.core.plan import HashAlgo, VerificationLevel
+from agent.errors import CorruptStateError
 
 MANIFEST_VERSION = 1
 
@@ -65,28 +70,21 @@ class Manifest:
                    float(d.get("verified_at", 0.0)))
 
 
-def write_json_atomic(path: Path, data: Any, *, fsync: bool = True) -> None:
-    """Write JSON next to ``path`` under a unique name, fsync, then rename over it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
-    try:
-        with open(tmp, "w") as f:
-            json.dump(data, f, separators=(",", ":"), sort_keys=True)
-            if fsync:
-                f.flush()
-                os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+def manifest_bytes(manifest: Manifest) -> bytes:
+    return json.dumps(manifest.to_json(), separators=(",", ":"), sort_keys=True).encode()
 
 
 def load_manifest(path: Path) -> Manifest | None:
-    """Return the manifest, or None if missing or unreadable (an unreadable one is treated as absent)."""
+    """The manifest at ``path``; None if there is none. Raises ``CorruptStateError`` naming the file
+    when it exists but cannot be read or parsed: that is damage to report, not an empty cache."""
     try:
-        with open(path) as f:
-            return Manifest.from_json(json.load(f))
+        with open(path, "rb") as f:
+            raw = f.read()
     except FileNotFoundError:
         return None
-    except (ValueError, KeyError, TypeError):
-        return None
+    except OSError as e:
+        raise CorruptStateError(str(path), f"unreadable ({e.strerror})") from e
+    try:
+        return Manifest.from_json(json.loads(raw))
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise CorruptStateError(str(path), f"not a valid manifest ({type(e).__name__}: {e})") from e

@@ -62,6 +62,9 @@ class HubWatcher:
         self._observer.start()
         return self
 
+    def alive(self) -> bool:
+        return self._observer.is_alive()
+
     def stop(self) -> None:
         self._observer.stop()
         self._observer.join(timeout=5)

@@ -1,12 +1,12 @@
-"""What this node should hold: the desired-state value and the pure planning over it.
+"""What this node should hold (``DesiredState``) and what the loop concluded per model (``ModelStatus``).
 
-Providers (a models file, CachedModel CRs) produce a ``DesiredState``; ``plan_actions`` compares it
-with what is verified on disk and what is in flight, and returns the actions to take. No I/O here.
+Providers (a models file, CachedModel CRs) produce a ``DesiredState``; the pure plan
+(``agent.core.actions``) turns it, the disk snapshot and the last statuses into new statuses and
+actions. Statuses are frozen: only the loop thread makes new ones; everyone else reads a snapshot.
 """
 
 from __future__ import annotations
 
-import random
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal
@@ -15,6 +15,7 @@ from agent.core.spec import ModelSpec
 from agent.errors import SpecError
 
 ModelState = Literal["pending", "filling", "ready", "failed", "damaged", "invalid"]
+STATES: tuple[ModelState, ...] = ("pending", "filling", "ready", "failed", "damaged", "invalid")
 
 
 @dataclass(frozen=True)
@@ -27,7 +28,7 @@ class DesiredState:
     synced: bool = True  # False until the provider has listed once (labels are not removed before that)
 
 
-@dataclass
+@dataclass(frozen=True)
 class ModelStatus:
     """One model's state on this node: what the status annotation, metrics and `status` show."""
 
@@ -42,8 +43,9 @@ class ModelStatus:
     last_error: str = ""
     source: str = ""
     attempts: int = 0
-    next_attempt: float = 0.0  # monotonic seconds; 0 means now
+    next_attempt: float = 0.0  # loop clock seconds; 0 means now
     repairing: bool = False  # was ready, then damaged: the next successful fill is a repair
+    filled: bool = False  # a fill just reported success: the next scan must confirm it (else it failed)
 
     def compact(self) -> dict[str, object]:
         d: dict[str, object] = {"state": self.state}
@@ -58,35 +60,3 @@ class ModelStatus:
         if self.last_error:
             d["error"] = self.last_error[:200]
         return d
-
-
-@dataclass(frozen=True)
-class Actions:
-    ready: frozenset[str]  # names to label ready (complete and verified now)
-    enqueue: tuple[str, ...]  # names to fill or repair
-    forget: tuple[str, ...]  # names no longer desired
-
-
-def plan_actions(
-    desired: Mapping[str, ModelSpec],
-    verified: Mapping[str, bool],
-    in_flight: set[str],
-    statuses: Mapping[str, ModelStatus],
-    now: float,
-) -> Actions:
-    """Level-triggered decision: label what is verified, fill what is not (respecting backoff)."""
-    ready = frozenset(n for n in desired if verified.get(n))
-    enqueue = tuple(
-        n for n in sorted(desired, key=lambda n: -desired[n].priority)
-        if not verified.get(n) and n not in in_flight
-        and (n not in statuses or statuses[n].next_attempt <= now)
-    )
-    forget = tuple(n for n in statuses if n not in desired)
-    return Actions(ready, enqueue, forget)
-
-
-def backoff_delay(attempts: int, steps: tuple[float, ...], rng: random.Random | None = None) -> float:
-    """The n-th retry delay from the settings' sequence, with +-20 % jitter so nodes do not sync up."""
-    base = steps[min(max(attempts - 1, 0), len(steps) - 1)]
-    r = rng or random
-    return base * (0.8 + 0.4 * r.random())

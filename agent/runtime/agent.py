@@ -19,14 +19,15 @@ from typing import TYPE_CHECKING
 
 import structlog
 
-from agent.cache.fsutil import write_text_atomic
+from agent.cache.fsutil import write_atomic
 from agent.cache.store import Store
 from agent.cache.watch import HubWatcher
 from agent.config import RunSettings
+from agent.core.actions import Policy
 from agent.errors import ConfigError
-from agent.metrics import HealthServer, Metrics, StateCollector, loop_alive
+from agent.metrics import Health, HealthServer, Metrics, StateCollector
 from agent.models_file import ModelsFileProvider
-from agent.runtime.loop import Reconciler
+from agent.runtime.loop import Loop
 from agent.runtime.scrub import Scrubber
 from agent.sources.factory import open_sources
 
@@ -55,7 +56,7 @@ class LocalReporter:
         doc = json.dumps({"labels": {f"{self.prefix}/{n}": "ready" for n in names}, "models": statuses,
                           "history": list(self._history)}, sort_keys=True, indent=1)
         if doc != self._last:
-            write_text_atomic(self.path, doc, self.path.parent / "staging", fsync=False)
+            write_atomic(self.path, doc, tmp_dir=self.path.parent / "staging", fsync=False)
             self._last = doc
 
     def event(self, name: str, reason: str, message: str, *, warning: bool = False) -> None:
@@ -79,27 +80,14 @@ def validate_cache_dir(store: Store) -> None:
             f"--cache-dir {root}: hub/ and .agent/ are on different filesystems; renames would not be atomic")
 
 
-def blob_bytes(store: Store) -> int:
-    total = 0
-    hub = store.layout.hub
-    if not hub.is_dir():
-        return 0
-    for repo in os.scandir(hub):
-        blobs = os.path.join(repo.path, "blobs")
-        if os.path.isdir(blobs):
-            for b in os.scandir(blobs):
-                with contextlib.suppress(FileNotFoundError):
-                    total += b.stat(follow_symlinks=False).st_size
-    return total
-
-
 def read_node_until_reachable(node: NodeReporter, stop: threading.Event) -> bool:
-    """Read this Node's labels before anything is decided from them; an unreachable API is waited out.
+    """Read this Node's labels before anything is decided from them; wait out an API that does not answer.
 
     Selectors are evaluated against these labels, so starting without them would drop every model
-    (and its ready label). A permanent error (no such Node, RBAC) is a configuration problem and
-    raises; a transient one (API server restarting) must not crash-loop the DaemonSet. False if
-    stopped first.
+    (and its ready label). Nothing here exits: an API server restarting, a Node not registered yet
+    or a missing RBAC permission (403) are all waited out with a jittered, growing pause and a
+    log line naming the cause, because a crash-looping DaemonSet helps nobody and /healthz is
+    served meanwhile. False if stopped first.
     """
     from agent.errors import KubeApiError
     from agent.k8s.client import WATCH_BACKOFF
@@ -110,11 +98,15 @@ def read_node_until_reachable(node: NodeReporter, stop: threading.Event) -> bool
             node.refresh(stop)
             return True
         except KubeApiError as e:
-            if e.permanent:
-                raise
             attempt += 1
             pause = WATCH_BACKOFF.delay(attempt)  # jittered, growing: a fleet restarting together spreads out
-            log.warning("agent.api_unreachable", node=node.node_name, error=str(e), retry_in=round(pause, 2))
+            if e.status == 403:
+                log.error("agent.api_forbidden", node=node.node_name, error=str(e), retry_in=round(pause, 2),
+                          hint="the agent's ServiceAccount needs 'get' on nodes (manifests/rbac.yaml)")
+            elif e.permanent:
+                log.error("agent.api_refused", node=node.node_name, error=str(e), retry_in=round(pause, 2))
+            else:
+                log.warning("agent.api_unreachable", node=node.node_name, error=str(e), retry_in=round(pause, 2))
             stop.wait(pause)
     return False
 
@@ -122,13 +114,13 @@ def read_node_until_reachable(node: NodeReporter, stop: threading.Event) -> bool
 def run_agent(settings: RunSettings, *, stop: threading.Event | None = None,
               ready_file: Path | None = None) -> int:
     stop = stop or threading.Event()
-    rec_holder: list[Reconciler] = []
+    loops: list[Loop] = []
 
     def on_signal(signum: int, _frame: object) -> None:
         log.info("agent.stopping", signal=signal.Signals(signum).name)
         stop.set()
-        for r in rec_holder:
-            r.wake()
+        for lp in loops:
+            lp.wake()
 
     # Before any API call: a SIGTERM while startup waits for the API server is a clean exit 0.
     if threading.current_thread() is threading.main_thread():
@@ -139,77 +131,79 @@ def run_agent(settings: RunSettings, *, stop: threading.Event | None = None,
     store.sweep_all()
     sources = open_sources(list(settings.sources), settings.source_settings)
     metrics = Metrics()
-
-    kube_parts: list[object] = []
-    if settings.kubernetes:
-        from agent.k8s.bridge import KubeDesiredProvider, KubeReporter
-        from agent.k8s.client import make_api
-        from agent.k8s.events import EventRecorder
-        from agent.k8s.node import NodeReporter
-
-        api = make_api(settings.kube_host)
-        node = NodeReporter(api, settings.node_name, settings.label_prefix)
-        if not read_node_until_reachable(node, stop):
-            api.close()
-            for s in sources:
-                s.close()
-            return 0
-        events = EventRecorder(api, node_name=settings.node_name)
-        provider = KubeDesiredProvider(api, node, lambda d: rec_holder[0].set_desired(d), stop=stop,
-                                       resync=settings.resync_seconds)
-        reporter: object = KubeReporter(api, node, events, provider, stop=stop)
-        rec = Reconciler(store, sources, reporter, workers=settings.workers, backoff=settings.backoff,  # type: ignore[arg-type]
-                         observer=metrics, evict_min_age=settings.evict_min_age)
-        rec_holder.append(rec)
-        provider.start()  # the Node writer starts with the loop's first report (see KubeReporter.report)
-        kube_parts += [api, node, provider]
-    else:
-        assert settings.models_file is not None
-        reporter = LocalReporter(store.layout.agent_dir / "node-status.json", settings.label_prefix)
-        rec = Reconciler(store, sources, reporter, workers=settings.workers, backoff=settings.backoff,  # type: ignore[arg-type]
-                         observer=metrics, evict_min_age=settings.evict_min_age)
-        rec_holder.append(rec)
-        models = ModelsFileProvider(settings.models_file, rec.set_desired)
-        rec.set_desired(models.load())
-        models.start()
-        kube_parts.append(models)
-
-    metrics.registry.register(StateCollector(rec.snapshot, store.layout.root, lambda: blob_bytes(store),
-                                             lambda: rec.last_pass))
-    server = HealthServer(metrics.registry, settings.metrics_host, settings.metrics_port,
-                          alive=loop_alive(lambda: rec.last_pass, max(settings.check_interval * 3, 30.0)),
-                          ready=rec.initial_scan_done.is_set).start()
-    hub_watch = HubWatcher(store.layout.hub, rec.mark_dirty).start()
-
-    def desired_repos() -> set[str]:
-        return {s.repo for s in rec.desired().models.values()}
-
-    scrubber = Scrubber(store, rec.mark_dirty, rate=settings.scrub_bytes_per_second, on_bytes=metrics.scrubbed,
-                        repos=desired_repos)
-    threading.Thread(target=scrubber.run, args=(stop,), kwargs={
-        "interval": settings.scrub_interval, "full_interval": settings.full_scrub_interval}, daemon=True,
-        name="scrub").start()
-
-    log.info("agent.started", node=settings.node_name, cache_dir=str(settings.cache_dir),
-             sources=[s.label for s in sources], kubernetes=settings.kubernetes, metrics_port=server.port)
+    policy = Policy(backoff=settings.fill_backoff, budget_bytes=settings.disk_budget_bytes,
+                    evict_min_age=settings.evict_min_age)
+    loop = Loop(store, sources, LocalReporter(store.layout.agent_dir / "node-status.json", settings.label_prefix),
+                workers=settings.workers, policy=policy, observer=metrics, check_interval=settings.check_interval)
+    loops.append(loop)
+    health = Health(max_pass_age=max(settings.check_interval * 3, 30.0), last_pass=lambda: loop.last_pass)
+    health.watch("fill workers", loop.workers_alive)
+    metrics.registry.register(StateCollector(loop.view, store.layout.root, store.space.published,
+                                             lambda: loop.last_pass))
+    # /healthz answers from the first second (alive while waiting for the API), /readyz once the loop knows.
+    server = HealthServer(metrics.registry, settings.metrics_host, settings.metrics_port, alive=health.alive,
+                          ready=health.ready).start()
     if ready_file is not None:
         ready_file.write_text(str(server.port))
-    loop = threading.Thread(target=rec.run, args=(stop,), kwargs={"interval": settings.check_interval},
-                            name="reconcile", daemon=True)
-    loop.start()
-    # Wake up now and then: a signal delivered to another thread only runs its Python handler once the
-    # main thread runs bytecode again, and a bare wait() on a lock may never return to let it.
-    while not stop.wait(0.5):
-        pass
-    finished = rec.shutdown(settings.termination_budget)
-    log.info("agent.stopped", fills_finished=finished)
-    hub_watch.stop()
-    server.stop()
-    for part in kube_parts:
-        closer = getattr(part, "stop", None) or getattr(part, "close", None)
-        if callable(closer):
-            with contextlib.suppress(Exception):
-                closer()
-    for s in sources:
-        s.close()
-    return 0
+
+    parts: list[object] = []
+    try:
+        if settings.kubernetes:
+            from agent.k8s.bridge import KubeDesiredProvider, KubeReporter
+            from agent.k8s.client import make_api
+            from agent.k8s.events import EventRecorder
+            from agent.k8s.node import NodeReporter
+
+            api = make_api(settings.kube_host)
+            parts.append(api)
+            node = NodeReporter(api, settings.node_name, settings.label_prefix)
+            health.waiting_for = "the API server (reading this Node)"
+            if not read_node_until_reachable(node, stop):
+                return 0
+            events = EventRecorder(api, node_name=settings.node_name)
+            provider = KubeDesiredProvider(api, node, loop.set_desired, stop=stop, resync=settings.resync_seconds)
+            loop.reporter = KubeReporter(api, node, events, provider, stop=stop)
+            provider.start()  # the Node writer starts with the loop's first report (see KubeReporter.report)
+            parts += [node, provider]
+        else:
+            assert settings.models_file is not None
+            models = ModelsFileProvider(settings.models_file, loop.set_desired)
+            loop.set_desired(models.load())
+            models.start()
+            parts.append(models)
+        health.waiting_for = ""
+
+        hub_watch = HubWatcher(store.layout.hub, loop.mark_dirty).start()
+        parts.append(hub_watch)
+        health.watch("hub watcher", hub_watch.alive)
+        scrubber = Scrubber(store, loop.mark_dirty, rate=settings.scrub_bytes_per_second, on_bytes=metrics.scrubbed,
+                            repos=lambda: {s.repo for s in loop.desired().models.values()})
+        scrub = threading.Thread(target=scrubber.run, args=(stop,), kwargs={
+            "interval": settings.scrub_interval, "full_interval": settings.full_scrub_interval}, daemon=True,
+            name="scrub")
+        scrub.start()
+        if settings.scrub_interval > 0 or settings.full_scrub_interval > 0:
+            health.watch("scrub", scrub.is_alive)
+        loop_thread = threading.Thread(target=loop.run, args=(stop,), name="loop", daemon=True)
+        loop_thread.start()
+        health.watch("loop", loop_thread.is_alive)
+        health.ready_when(loop.initial_scan_done.is_set)
+        log.info("agent.started", node=settings.node_name, cache_dir=str(settings.cache_dir),
+                 sources=[s.label for s in sources], kubernetes=settings.kubernetes, metrics_port=server.port)
+        # Wake up now and then: a signal delivered to another thread only runs its Python handler once the
+        # main thread runs bytecode again, and a bare wait() on a lock may never return to let it.
+        while not stop.wait(0.5):
+            pass
+        finished = loop.shutdown(settings.termination_budget)
+        log.info("agent.stopped", fills_finished=finished)
+        return 0
+    finally:
+        stop.set()
+        server.stop()
+        for part in reversed(parts):
+            closer = getattr(part, "stop", None) or getattr(part, "close", None)
+            if callable(closer):
+                with contextlib.suppress(Exception):
+                    closer()
+        for s in sources:
+            s.close()

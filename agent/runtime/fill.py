@@ -8,16 +8,18 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
 import structlog
 
 from agent.cache.manifest import Manifest
-from agent.cache.store import Fill, Store
+from agent.cache.staging import Fill
+from agent.cache.store import Store
 from agent.core.plan import FileEntry, ModelPlan
+from agent.core.snapshot import ModelRecord, listing_digest
 from agent.core.spec import FileFilter
-from agent.errors import AgentError, DiskFullError, IntegrityError, SourceError, UnsafePathError
+from agent.errors import AgentError, CorruptStateError, DiskFullError, IntegrityError, SourceError, UnsafePathError
 from agent.sources.base import NullProgress, Progress, Source
 
 log = structlog.get_logger("agent.runtime.fill")
@@ -31,6 +33,7 @@ class FillResult:
     fetched_files: int
     fetched_bytes: int
     seconds: float
+    record: ModelRecord | None = None  # written when the fill was for a named model (the agent loop)
 
 
 class FillFailed(AgentError):
@@ -81,7 +84,10 @@ def trusted_from_manifest(store: Store, plan: ModelPlan) -> ModelPlan:
     """
     if all(f.trusted for f in plan.files):
         return plan
-    m = store.manifest(plan.repo, plan.commit)
+    try:
+        m = store.manifest(plan.repo, plan.commit)
+    except CorruptStateError:
+        return plan  # nothing this node recorded can be trusted; the content is hashed afresh
     if m is None:
         return plan
     known = {f.path: f for f in m.files if f.verified}
@@ -103,10 +109,14 @@ def fill_model(
     progress: Progress | None = None,
     lock_timeout: float | None = None,
     stop: threading.Event | None = None,
+    record_as: str | None = None,
+    on_lock_wait: Callable[[str], None] | None = None,
 ) -> FillResult:
     """Fill ``repo`` at ``revision`` from the first source that can deliver it.
 
     ``pin`` forces the commit (cluster-wide pin) while ``revision`` stays the ref name written.
+    ``record_as``: the model name whose file set this fill is; its record is written under the same
+    repo lock as the publish, so "ready" can never see a published snapshot with a stale record.
     """
     files = files or FileFilter()
     progress = progress or NullProgress()
@@ -121,7 +131,8 @@ def fill_model(
                 plan = replace(plan, ref=revision)
             plan = trusted_from_manifest(store, plan)
             plan = enrich_digests(plan, [s for j, s in enumerate(sources) if j != i], files)
-            return _fill_from(store, src, plan, progress, lock_timeout, blog, stop)
+            return _fill_from(store, src, plan, progress, lock_timeout, blog, stop,
+                              _record(record_as, revision, files, plan), on_lock_wait)
         except DiskFullError:
             raise
         except (SourceError, IntegrityError, UnsafePathError) as e:
@@ -130,12 +141,20 @@ def fill_model(
     raise FillFailed(repo, revision, attempts)
 
 
+def _record(name: str | None, revision: str, files: FileFilter, plan: ModelPlan) -> ModelRecord | None:
+    if name is None:
+        return None
+    return ModelRecord(name, plan.repo, revision, plan.commit, files, tuple(sorted(e.path for e in plan.files)),
+                       listing_digest(plan.files), plan.source, time.time())
+
+
 def _fill_from(
     store: Store, src: Source, plan: ModelPlan, progress: Progress, lock_timeout: float | None,
-    blog: structlog.stdlib.BoundLogger, stop: threading.Event | None = None,
+    blog: structlog.stdlib.BoundLogger, stop: threading.Event | None = None, record: ModelRecord | None = None,
+    on_lock_wait: Callable[[str], None] | None = None,
 ) -> FillResult:
     t0 = time.monotonic()
-    with store.lock(plan.repo, timeout=lock_timeout):
+    with store.lock(plan.repo, timeout=lock_timeout, on_wait=on_lock_wait):
         store.sweep_staging(plan.repo)
         fill = store.begin(plan, stop=stop)
         needed = fill.needed()
@@ -143,10 +162,12 @@ def _fill_from(
         blog.info("fill.start", commit=plan.commit, files=len(plan.files), needed_files=len(needed),
                   needed_bytes=total, verification=plan.level)
         try:
-            fill.check_space(needed)
-            progress.start(total, len(needed))
-            _fetch_with_one_retry(src, plan, needed, fill, progress, blog)
-            manifest = fill.publish()
+            with fill.reserve(needed):
+                progress.start(total, len(needed))
+                _fetch_with_one_retry(src, plan, needed, fill, progress, blog)
+                manifest = fill.publish()
+            if record is not None:
+                store.write_record(record)
         except DiskFullError:
             fill.abort()
             raise
@@ -159,7 +180,7 @@ def _fill_from(
     secs = time.monotonic() - t0
     blog.info("fill.done", commit=plan.commit, files=len(needed), bytes=total, seconds=round(secs, 3),
               verification=manifest.level)
-    return FillResult(manifest, src.label, len(needed), total, secs)
+    return FillResult(manifest, src.label, len(needed), total, secs, record)
 
 
 def _fetch_with_one_retry(

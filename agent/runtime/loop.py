@@ -1,32 +1,37 @@
-"""The level-triggered agent loop: desired models + what is verified on disk -> fill, repair, label.
+"""The level-triggered agent loop: scan -> frozen snapshot -> pure plan -> execute.
 
-Events (a new desired state, a watchdog change under hub/, a finished fill, a timer) only wake the
-loop; every pass recomputes from fresh state (``run_once``). Fills run on a bounded worker pool
-behind a work queue keyed by model name, so a model is never filled twice at once, and failures
-back off per model with jitter.
+One thread owns every model status. Everything else talks to it through its inbox: providers post
+a new desired state, the hub watcher and the scrub post "this repo changed", workers post the
+outcome of a fill. A pass drains the inbox, re-scans what changed (``Scanner``), asks the pure
+``plan`` what to do, executes it (quarantine and eviction under the repo lock, fills into the keyed
+work queue, labels and Events to the reporter), then publishes an immutable view of the statuses
+for metrics. Nothing here sleeps on the clock: tests drive ``run_once`` with an injected clock.
 """
 
 from __future__ import annotations
 
-import contextlib
+import queue
+import random
 import threading
 import time
 from collections.abc import Callable, Collection, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Protocol
 
 import structlog
 
 from agent.cache.store import Store
-from agent.core.desired import DesiredState, ModelStatus, backoff_delay, plan_actions
-from agent.core.eviction import Candidate, plan_eviction
+from agent.core.actions import FillAction, FillOutcome, Plan, Policy, plan
+from agent.core.desired import DesiredState, ModelStatus
 from agent.core.spec import ModelSpec, is_commit
-from agent.errors import AgentError, DiskFullError
-from agent.runtime.fill import FillFailed, FillResult, fill_model
+from agent.errors import AgentError, Cancelled, DiskFullError, LockedError
+from agent.runtime.fill import FillFailed, fill_model
+from agent.runtime.scan import Scanner
+from agent.runtime.workqueue import Workers, WorkQueue
 from agent.sources.base import Source
 
-log = structlog.get_logger("agent.runtime.loop")
+log = structlog.get_logger("agent.loop")
+PROGRESS_REFRESH = 1.0  # seconds between passes while fills run, so progress in metrics/annotation moves
 
 
 class Reporter(Protocol):
@@ -38,7 +43,7 @@ class Reporter(Protocol):
 
 
 class Observer(Protocol):
-    """Metrics hooks (counters and histograms); state gauges are read from ``snapshot``."""
+    """Metrics hooks (counters and histograms); state gauges are read from ``view``."""
 
     def fill_done(self, source: str, nbytes: int, seconds: float) -> None: ...
     def fill_failed(self, source: str, reason: str) -> None: ...
@@ -48,43 +53,42 @@ class Observer(Protocol):
 
 
 class NullObserver:
-    def fill_done(self, source: str, nbytes: int, seconds: float) -> None:
-        pass
-
-    def fill_failed(self, source: str, reason: str) -> None:
-        pass
-
-    def verify_failed(self, reason: str) -> None:
-        pass
-
-    def repaired(self) -> None:
-        pass
-
-    def evicted(self) -> None:
-        pass
+    def __getattr__(self, name: str) -> Callable[..., None]:
+        return lambda *a, **k: None
 
 
-@dataclass
 class _Progress:
-    """Feeds a model's fill progress into its status (read by the annotation and metrics)."""
+    """A running fill's byte counter: written by its worker, read by the loop (ints: no lock needed)."""
 
-    status: ModelStatus
-    total: int = 0
-    done: int = 0
+    def __init__(self) -> None:
+        self.total = 0
+        self.done = 0
 
     def start(self, total_bytes: int, files: int) -> None:
         self.total, self.done = total_bytes, 0
-        self.status.progress = 0.0 if total_bytes else 1.0
 
     def advance(self, nbytes: int) -> None:
         self.done += nbytes
-        self.status.progress = min(self.done / self.total, 1.0) if self.total else 1.0
 
     def close(self) -> None:
         pass
 
+    def ratio(self) -> float:
+        return min(self.done / self.total, 1.0) if self.total else 0.0
 
-class Reconciler:
+
+@dataclass(frozen=True)
+class _Desired:
+    state: DesiredState
+
+
+@dataclass(frozen=True)
+class _Dirty:
+    repo: str
+    blobs: frozenset[str]
+
+
+class Loop:
     def __init__(
         self,
         store: Store,
@@ -92,28 +96,40 @@ class Reconciler:
         reporter: Reporter,
         *,
         workers: int = 2,
-        backoff: tuple[float, ...] = (1.0, 2.0, 5.0, 15.0, 60.0, 300.0),
+        policy: Policy | None = None,
         observer: Observer | None = None,
         clock: Callable[[], float] = time.monotonic,
-        evict_min_age: float = 600.0,
+        wall: Callable[[], float] = time.time,
+        check_interval: float = 60.0,
+        rng: random.Random | None = None,
+        lock_timeout: float = 30.0,
     ) -> None:
         self.store = store
         self.sources = list(sources)
         self.reporter = reporter
-        self.backoff = backoff
-        self.observer = observer or NullObserver()
+        self.policy = policy or Policy()
+        self.observer: Observer = observer or NullObserver()  # type: ignore[assignment]
         self.clock = clock
-        self.evict_min_age = evict_min_age
-        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fill")
-        self._mu = threading.RLock()
+        self.wall = wall
+        self.check_interval = check_interval
+        self.rng = rng
+        self.lock_timeout = lock_timeout
+        self.scanner = Scanner(store)
+        self.queue: WorkQueue[str, FillAction] = WorkQueue()
+        self._workers = Workers(self.queue, self._work, workers, name="fill")
+        self._inbox: queue.SimpleQueue[object] = queue.SimpleQueue()
         self._wake = threading.Event()
         self._stop = threading.Event()
+        # owned by the loop thread (run_once); never touched elsewhere
         self._desired = DesiredState(synced=False)
         self._statuses: dict[str, ModelStatus] = {}
-        self._in_flight: dict[str, Future[None]] = {}
-        self._filled_spec: dict[str, ModelSpec] = {}
-        self._dirty_blobs: dict[str, set[str]] = {}  # repo -> blob names touched since last pass
-        self._reported_errors: dict[str, str] = {}
+        self._dirty: set[str] = set()
+        self._dirty_repos: dict[str, set[str]] = {}
+        self._next_full = float("-inf")
+        self._wake_at: float | None = None
+        # read by other threads: replaced whole, never mutated
+        self._view: tuple[ModelStatus, ...] = ()
+        self._progress: dict[str, _Progress] = {}
         self.passes = 0
         self.last_pass = 0.0
         self.initial_scan_done = threading.Event()
@@ -121,139 +137,150 @@ class Reconciler:
     # -- inputs (any thread) -----------------------------------------------------------------------
 
     def set_desired(self, desired: DesiredState) -> None:
-        with self._mu:
-            self._desired = desired
-        self.wake()
+        self._post(_Desired(desired))
 
     def mark_dirty(self, repo: str, blobs: Collection[str] = ()) -> None:
-        """Called by the filesystem watcher: re-check models of ``repo`` now (and re-hash these blobs)."""
-        with self._mu:
-            self._dirty_blobs.setdefault(repo, set()).update(blobs)
-        self.wake()
+        """The filesystem watcher or the scrub: re-check models of ``repo`` now (and re-hash these blobs)."""
+        self._post(_Dirty(repo, frozenset(blobs)))
+
+    def _post(self, msg: object) -> None:
+        self._inbox.put(msg)
+        self._wake.set()
 
     def wake(self) -> None:
         self._wake.set()
 
-    # -- outputs -----------------------------------------------------------------------------------
+    # -- outputs (any thread) ----------------------------------------------------------------------
 
-    def snapshot(self) -> list[ModelStatus]:
-        with self._mu:
-            return [replace(s) for s in self._statuses.values()]
+    def view(self) -> tuple[ModelStatus, ...]:
+        """The statuses of the last pass: an immutable snapshot (metrics, status, tests)."""
+        return self._view
 
     def desired(self) -> DesiredState:
-        with self._mu:
-            return self._desired
+        return self._desired
+
+    def start_workers(self) -> Loop:
+        self._workers.start()
+        return self
+
+    def workers_alive(self) -> bool:
+        return self._workers.alive()
 
     # -- the loop ----------------------------------------------------------------------------------
 
-    def run(self, stop: threading.Event, *, interval: float = 60.0) -> None:
+    def run(self, stop: threading.Event) -> None:
         """Thin infinite loop around ``run_once``; a failed pass is logged and retried."""
+        self.start_workers()
         while not stop.is_set():
             self._wake.clear()
             try:
                 self.run_once()
             except Exception:
-                log.exception("reconcile.pass_failed")
-            self._wake.wait(interval)
+                log.exception("loop.pass_failed")
+            self._wake.wait(self._timeout())
 
-    def local_commit(self, spec: ModelSpec, pin: str | None) -> str | None:
-        if is_commit(spec.revision):
-            return spec.revision
-        if pin:
-            return pin
-        return self.store.read_ref(spec.repo, spec.revision)
-
-    def _verified(self, name: str, spec: ModelSpec, pin: str | None, dirty: dict[str, set[str]]) -> tuple[bool, str]:
-        """(complete and verified on disk now, why not). Stat-only, plus xxh3 of blobs the watcher saw change."""
-        filled = self._filled_spec.get(name)
-        if filled is not None and (filled.files != spec.files or filled.repo != spec.repo):
-            return False, "spec changed"
-        commit = self.local_commit(spec, pin)
-        if commit is None:
-            return False, "not cached"
-        m = self.store.manifest(spec.repo, commit)
-        if m is None:
-            return False, "not cached"
-        rep = self.store.check(m, deep_blobs=dirty.get(spec.repo, set()))
-        if not rep.ok:
-            removed = self.store.quarantine(m, rep)
-            if removed:
-                log.warning("reconcile.quarantined", model=name, blobs=removed)
-            return False, "; ".join(rep.problems()[:5])
-        st = self._statuses.get(name)
-        if st is not None:
-            st.commit, st.bytes, st.level = m.commit, m.total_bytes, m.level
-        return True, ""
-
-    def run_once(self) -> None:
-        with self._mu:
-            desired = self._desired
-            dirty, self._dirty_blobs = self._dirty_blobs, {}
+    def _timeout(self) -> float:
         now = self.clock()
-        verified: dict[str, bool] = {}
-        for name, spec in desired.models.items():
-            st = self._status(name, spec)
-            if name in self._in_flight:
-                verified[name] = False
-                continue
-            ok, why = self._verified(name, spec, desired.pins.get(name), dirty)
-            verified[name] = ok
-            if ok:
-                st.state, st.last_error, st.attempts, st.progress = "ready", "", 0, 1.0
-            elif st.state == "ready":
-                st.state, st.last_error, st.next_attempt = "damaged", why, 0.0
-                st.repairing = why != "spec changed"
-                self.observer.verify_failed("damaged" if why != "spec changed" else "spec_changed")
-                log.warning("reconcile.not_ready", model=name, reason=why)
-                if why != "spec changed":
-                    self.reporter.event(name, "VerifyFailed", f"{spec.repo}: {why}", warning=True)
-        for name in [n for n in self._reported_errors if n not in desired.errors]:
-            del self._reported_errors[name]  # fixed (or gone): the same error later is news again
-        for name, err in desired.errors.items():
-            st = self._statuses.setdefault(name, ModelStatus(name))
-            st.state, st.last_error = "invalid", str(err)
-            if self._reported_errors.get(name) != str(err):
-                self._reported_errors[name] = str(err)
-                self.reporter.event(name, "InvalidSpec", str(err), warning=True)
-        with self._mu:
-            actions = plan_actions(desired.models, verified, set(self._in_flight), self._statuses, now)
-            for name in actions.forget:
-                if name not in desired.errors:
-                    del self._statuses[name]
-                    self._filled_spec.pop(name, None)
-        if desired.synced or actions.ready:
-            self.reporter.report(actions.ready, {n: s.compact() for n, s in self._statuses.items()})
-        for name in actions.enqueue:
-            if self._stop.is_set():
-                break
-            self._submit(name, desired.models[name], desired.pins.get(name))
+        until = self._next_full - now
+        if self._wake_at is not None:
+            until = min(until, self._wake_at - now)
+        if self.queue.running():
+            until = min(until, PROGRESS_REFRESH)
+        return max(until, 0.01)
+
+    def _drain(self) -> list[FillOutcome]:
+        outcomes: list[FillOutcome] = []
+        while True:
+            try:
+                msg = self._inbox.get_nowait()
+            except queue.Empty:
+                return outcomes
+            if isinstance(msg, _Desired):
+                self._dirty |= _changed(self._desired, msg.state)
+                self._desired = msg.state
+            elif isinstance(msg, _Dirty):
+                self._dirty_repos.setdefault(msg.repo, set()).update(msg.blobs)
+            elif isinstance(msg, FillOutcome):
+                outcomes.append(msg)
+                self._dirty.add(msg.name)
+
+    def run_once(self) -> Plan:
+        """One pass: drain the inbox, scan what changed, plan, execute, publish the view."""
+        # Busy first, then the inbox: a worker posts its outcome before it leaves the queue, so a fill
+        # not busy now has its outcome in this drain (never "not busy, no outcome": a double fill).
+        busy = self.queue.busy()
+        outcomes = self._drain()
+        desired = self._desired
+        now = self.clock()
+        full = now >= self._next_full
+        if full:
+            self._next_full = now + self.check_interval
+            self.store.space.resync()
+        dirty, dirty_repos = self._dirty, self._dirty_repos
+        self._dirty, self._dirty_repos = set(), {}
+        snap = self.scanner.scan(desired, dirty=dirty, dirty_repos=dirty_repos, full=full, now=now)
+        policy = replace(self.policy, wall_now=self.wall())
+        p = plan(desired, snap, self._statuses, busy, outcomes, now, policy, self.rng)
+        self._execute(p, desired)
+        statuses = dict(p.statuses)
+        for name, prog in list(self._progress.items()):
+            st = statuses.get(name)
+            if st is not None and st.state == "filling":
+                statuses[name] = replace(st, progress=prog.ratio())
+        self._statuses = statuses
+        self._view = tuple(statuses[n] for n in sorted(statuses))
+        self._wake_at = p.wake_at
+        if desired.synced or p.ready:
+            self.reporter.report(p.ready, {n: s.compact() for n, s in sorted(statuses.items())})
         self.passes += 1
-        self.last_pass = time.time()
+        self.last_pass = self.wall()
         if desired.synced:
             self.initial_scan_done.set()
+        return p
 
-    def _status(self, name: str, spec: ModelSpec) -> ModelStatus:
-        st = self._statuses.get(name)
-        if st is None:
-            st = self._statuses[name] = ModelStatus(name, spec.repo, spec.revision)
-        st.repo, st.revision = spec.repo, spec.revision
-        return st
+    # -- executing a plan (loop thread) ------------------------------------------------------------
 
-    # -- fills -------------------------------------------------------------------------------------
+    def _execute(self, p: Plan, desired: DesiredState) -> None:
+        for name in p.cancels:
+            if self.queue.cancel(name):
+                log.info("loop.fill_cancelled", model=name, reason="no longer desired")
+        for q in p.quarantines:
+            try:
+                with self.store.lock(q.repo, timeout=self.lock_timeout):
+                    removed = self.store.quarantine(q.repo, q.commit, q.blobs)
+            except (LockedError, OSError) as e:
+                log.warning("loop.quarantine_failed", model=q.name, error=str(e))
+                continue
+            if removed:
+                log.warning("loop.quarantined", model=q.name, repo=q.repo, blobs=removed)
+            self.scanner.forget_repo(q.repo)
+        for ev in p.evictions:
+            try:
+                with self.store.lock(ev.repo, timeout=self.lock_timeout):
+                    freed = self.store.remove_snapshot(ev.repo, ev.commit)
+            except (LockedError, OSError) as e:
+                log.warning("loop.evict_failed", repo=ev.repo, commit=ev.commit, error=str(e))
+                continue
+            log.warning("loop.evicted", repo=ev.repo, commit=ev.commit, freed=freed, reason=ev.reason)
+            self.scanner.forget_repo(ev.repo)
+            for name in ev.models:
+                self.reporter.event(name, "Evicted", f"{ev.repo}@{ev.commit[:12]} evicted {ev.reason}", warning=True)
+            self._dirty |= set(ev.models)
+        for c in p.counts:
+            getattr(self.observer, c.kind)(*c.args)
+        for e in p.events:
+            self.reporter.event(e.name, e.reason, e.message, warning=e.warning)
+        if self._stop.is_set():
+            return
+        for f in p.fills:
+            self.queue.add(f.name, f, priority=f.spec.priority)
+
+    # -- fills (worker threads) --------------------------------------------------------------------
 
     def _sources_for(self, spec: ModelSpec) -> list[Source]:
         if not spec.sources:
             return self.sources
         return [s for kind in spec.sources for s in self.sources if s.kind == kind]
-
-    def _submit(self, name: str, spec: ModelSpec, pin: str | None) -> None:
-        with self._mu:
-            if name in self._in_flight:
-                return
-            st = self._statuses[name]
-            was_damaged = st.state == "damaged" or st.repairing
-            st.state, st.progress = "filling", 0.0
-            self._in_flight[name] = self._pool.submit(self._fill, name, spec, pin, was_damaged)
 
     def _resolve_pin(self, name: str, spec: ModelSpec, sources: list[Source]) -> str | None:
         """Branch/tag without a cluster pin: resolve once, then let the reporter pin it (first writer wins)."""
@@ -265,8 +292,13 @@ class Reconciler:
             return self.reporter.pin(name, commit, spec.revision)
         return None
 
-    def _fill(self, name: str, spec: ModelSpec, pin: str | None, was_damaged: bool) -> None:
-        st = self._statuses[name]
+    def _work(self, name: str, action: FillAction, cancel: threading.Event) -> None:
+        outcome = self._fill(name, action, cancel)
+        self._post(outcome)
+
+    def _fill(self, name: str, action: FillAction, cancel: threading.Event) -> FillOutcome:
+        spec, pin = action.spec, action.pin
+        progress = self._progress[name] = _Progress()
         blog = log.bind(model=name, repo=spec.repo, revision=spec.revision)
         try:
             sources = self._sources_for(spec)
@@ -274,103 +306,56 @@ class Reconciler:
                 raise FillFailed(spec.repo, spec.revision, [])
             if pin is None and not is_commit(spec.revision):
                 pin = self._resolve_pin(name, spec, sources)
-            try:
-                res: FillResult = fill_model(self.store, sources, spec.repo, spec.revision, spec.files, pin=pin,
-                                             progress=_Progress(st), stop=self._stop)
-            except DiskFullError as e:
-                if not (e.shortfall > 0 and self.store.budget_bytes > 0 and self._evict(spec, e.shortfall)):
-                    raise
-                res = fill_model(self.store, sources, spec.repo, spec.revision, spec.files, pin=pin,
-                                 progress=_Progress(st), stop=self._stop)
-            with self._mu:
-                self._filled_spec[name] = spec
-                st.commit, st.bytes, st.level, st.source = res.manifest.commit, res.manifest.total_bytes, \
-                    res.manifest.level, res.source
-                st.attempts, st.last_error, st.state, st.repairing = 0, "", "pending", False
-            self.observer.fill_done(res.source, res.fetched_bytes, res.seconds)
-            if was_damaged:
-                self.observer.repaired()
-            self.reporter.event(name, "Repaired" if was_damaged else "FillSucceeded",
-                                f"{spec.repo}@{res.manifest.commit[:12]}: {res.fetched_files} files, "
-                                f"{res.fetched_bytes} bytes from {res.source} in {res.seconds:.1f}s "
-                                f"({res.manifest.level})")
+            res = fill_model(self.store, sources, spec.repo, spec.revision, spec.files, pin=pin, progress=progress,
+                             stop=cancel, record_as=name, lock_timeout=None)
+            m = res.manifest
+            return FillOutcome(name, True, source=res.source, fetched_files=res.fetched_files,
+                               fetched_bytes=res.fetched_bytes, seconds=res.seconds, commit=m.commit, level=m.level,
+                               spec=spec, repair=action.repair)
+        except Cancelled as e:
+            blog.info("loop.fill_stopped", error=str(e))
+            return FillOutcome(name, False, cancelled=True, error=str(e), spec=spec)
         except (FillFailed, DiskFullError, AgentError) as e:
-            if self._stop.is_set():
-                blog.info("reconcile.fill_abandoned", error=str(e))
-                return
-            attempts = e.attempts if isinstance(e, FillFailed) else [("store", e)]
-            for label, err in attempts:
-                self.observer.fill_failed(label.split(":", 1)[0], getattr(err, "reason", "disk_full"
-                                          if isinstance(err, DiskFullError) else "error"))
-            with self._mu:
-                st.attempts += 1
-                st.state, st.last_error = "failed", str(e)
-                st.next_attempt = self.clock() + backoff_delay(st.attempts, self.backoff)
-            blog.warning("reconcile.fill_failed", error=str(e), attempt=st.attempts)
-            self.reporter.event(name, "FillFailed", str(e), warning=True)
-        except Exception as e:  # a bug must not kill the worker pool; surface it as a failure
-            if self._stop.is_set():  # sources are being closed under us: an abandoned fill, not a bug
-                blog.info("reconcile.fill_abandoned", error=str(e))
-                return
-            blog.exception("reconcile.fill_crashed")
-            with self._mu:
-                st.attempts += 1
-                st.state, st.last_error = "failed", f"internal error: {e!r}"
-                st.next_attempt = self.clock() + backoff_delay(st.attempts, self.backoff)
+            if cancel.is_set():
+                blog.info("loop.fill_abandoned", error=str(e))
+                return FillOutcome(name, False, cancelled=True, error=str(e), spec=spec)
+            if isinstance(e, FillFailed):
+                failures = tuple((label.split(":", 1)[0], getattr(err, "reason", "error")) for label, err in e.attempts)
+            else:
+                failures = (("store", "disk_full" if isinstance(e, DiskFullError) else "error"),)
+            blog.warning("loop.fill_failed", error=str(e))
+            return FillOutcome(name, False, error=str(e), failures=failures, spec=spec,
+                               shortfall=e.shortfall if isinstance(e, DiskFullError) else 0)
+        except Exception as e:  # a bug must not kill the worker; surface it as a failure
+            if cancel.is_set():
+                blog.info("loop.fill_abandoned", error=repr(e))
+                return FillOutcome(name, False, cancelled=True, error=repr(e), spec=spec)
+            blog.exception("loop.fill_crashed")
+            return FillOutcome(name, False, error=f"internal error: {e!r}", failures=(("agent", "internal"),),
+                               spec=spec)
         finally:
-            with self._mu:
-                self._in_flight.pop(name, None)
-            self.wake()
+            self._progress.pop(name, None)
 
-    def _evict(self, spec: ModelSpec, shortfall: int) -> bool:
-        """Free ``shortfall`` bytes under the budget by the eviction policy; True if anything was removed."""
-        with self._mu:
-            desired = self._desired.models
-            in_use = {(s.repo, st.commit) for n, s in desired.items()
-                      if (st := self._statuses.get(n)) is not None and st.commit}
-            busy = {desired[n].repo for n in self._in_flight if n in desired and n != spec.name}
-        prio: dict[tuple[str, str], int] = {}
-        for n, s in desired.items():
-            st = self._statuses.get(n)
-            if st is not None and st.commit:
-                prio[(s.repo, st.commit)] = max(prio.get((s.repo, st.commit), -(2**31)), s.priority)
-        cands = [
-            Candidate(m.repo, m.commit, frozenset((f.digest, f.size) for f in m.files), m.verified_at,
-                      prio.get((m.repo, m.commit)) if (m.repo, m.commit) in in_use else None)
-            for m in self.store.manifests() if m.repo not in busy
-        ]
-        plan = plan_eviction(cands, shortfall, for_priority=spec.priority, now=time.time(),
-                             min_age=self.evict_min_age)
-        for c in plan:
-            with self.store.lock(c.repo, timeout=5):
-                freed = self.store.remove_snapshot(c.repo, c.commit)
-            log.warning("reconcile.evicted", repo=c.repo, commit=c.commit, freed=freed, for_model=spec.name,
-                        priority=c.priority)
-            self.observer.evicted()
-            for n, s in desired.items():
-                st = self._statuses.get(n)
-                if s.repo == c.repo and st is not None and st.commit == c.commit:
-                    self.reporter.event(n, "Evicted", f"{c.repo}@{c.commit[:12]} evicted to make room for "
-                                        f"{spec.name} (priority {spec.priority})", warning=True)
-        if plan:
-            self.wake()
-        return bool(plan)
+    # -- lifecycle ---------------------------------------------------------------------------------
 
     def idle(self) -> bool:
-        with self._mu:
-            return not self._in_flight
+        return self.queue.idle() and self._inbox.empty()
 
     def shutdown(self, budget: float) -> bool:
-        """Stop taking work; let in-flight fills finish within ``budget`` seconds. True if all finished.
+        """Stop taking work; let running fills finish within ``budget`` seconds, then stop them. True if all finished.
 
-        Anything abandoned leaves only staging behind (publish is atomic), swept at next start.
+        Anything stopped leaves only staging behind (publish is atomic), reused or swept at next start.
         """
         self._stop.set()
-        deadline = time.monotonic() + budget
-        with self._mu:
-            futures = list(self._in_flight.values())
-        for f in futures:
-            with contextlib.suppress(Exception):
-                f.result(timeout=max(deadline - time.monotonic(), 0))
-        self._pool.shutdown(wait=False, cancel_futures=True)
-        return all(f.done() for f in futures)
+        for name in self.queue.busy() - self.queue.running():
+            self.queue.cancel(name)
+        finished = self.queue.wait_idle(budget)
+        self.queue.close()  # running fills are told to stop; closing the sources (next) cuts their streams
+        self._workers.join(0.5)
+        return finished
+
+
+def _changed(old: DesiredState, new: DesiredState) -> set[str]:
+    """Models whose spec or pin differs (or that are new): they need a fresh check this pass."""
+    out = {n for n, s in new.models.items() if old.models.get(n) != s or old.pins.get(n) != new.pins.get(n)}
+    return out | (set(old.models) - set(new.models))

@@ -13,7 +13,8 @@ from collections.abc import Callable
 
 import structlog
 
-from agent.cache.store import Store, VerifyReport
+from agent.cache.inspect import VerifyReport
+from agent.cache.store import Store
 
 log = structlog.get_logger("agent.runtime.scrub")
 
