@@ -36,7 +36,7 @@ from agent.core.spec import ModelSpec
 from agent.log import configure
 from agent.modelgen import make_model_dir, write_hub_layout
 from agent.runtime.fill import fill_model
-from agent.runtime.loop import Reconciler
+from agent.runtime.loop import Loop
 from agent.runtime.scrub import Scrubber
 from agent.sources.pvc import PvcSource
 from bench.common import drop_caches, parse_size
@@ -196,8 +196,8 @@ def build_many(work: Path, models: int, files: int) -> tuple[Store, list[str]]:
     shutil.rmtree(work / "gen", ignore_errors=True)
     store = Store(work / "cache", fsync=False)  # fsync changes nothing a restart reads, only build time
     src = PvcSource(pvc)
-    for repo in repos:
-        fill_model(store, [src], repo, "main")
+    for i, repo in enumerate(repos):
+        fill_model(store, [src], repo, "main", record_as=f"m{i:03d}")  # the names relabel_subprocess uses
     shutil.rmtree(pvc)
     return Store(work / "cache"), repos
 
@@ -250,9 +250,9 @@ class _QuietReporter:
 
 
 def loop_pass(work: Path, store: Store, repos: list[str]) -> tuple[float, float, float]:
-    """One ``Reconciler.run_once`` (fresh process state, warm disk); also all fast checks alone."""
+    """One ``Loop.run_once`` (fresh process state, warm disk); also all fast checks alone."""
     rep = _QuietReporter()
-    rec = Reconciler(store, [PvcSource(work / "empty-pvc")], rep, workers=1)  # type: ignore[arg-type]
+    rec = Loop(store, [PvcSource(work / "empty-pvc")], rep, workers=1)
     specs = {f"m{i:03d}": ModelSpec(name=f"m{i:03d}", repo=r) for i, r in enumerate(repos)}
     rec.set_desired(DesiredState(models=specs, synced=True))
     t0 = time.perf_counter()
@@ -282,7 +282,7 @@ def part_relabel(work: Path, models: int, files: int) -> None:
               + (f" [could not drop caches: {problem}]" if problem else ""))
     passes = [loop_pass(work / "many", store, repos) for _ in range(3)]
     for dt_pass, dt_load, dt_check in passes:
-        print(f"   Reconciler.run_once over {models} models: {dt_pass * 1000:.0f} ms "
+        print(f"   Loop.run_once over {models} models: {dt_pass * 1000:.0f} ms "
               f"(Store.manifests() {dt_load * 1000:.0f} ms + Store.check() x{models} {dt_check * 1000:.0f} ms)")
     shutil.rmtree(work / "many", ignore_errors=True)
 

@@ -276,8 +276,14 @@ class Fill:
             write_atomic(lay.ref_path(plan.repo, plan.ref), plan.commit, tmp_dir=lay.staging_dir(plan.repo),
                          fsync=store.fsync)
             store.drop_ref_from_others(plan.repo, plan.ref, plan.commit)
-        rmtree_quiet(self.dir)
+        self._drop_staging()
         return manifest
+
+    def _drop_staging(self) -> None:
+        """Remove this fill's staging, and the repo's staging folder once empty (a space check walks staging)."""
+        rmtree_quiet(self.dir)
+        with contextlib.suppress(OSError):
+            self.dir.parent.rmdir()
 
     def _publish_blobs(self) -> None:
         """Step 1 of publish: move verified blobs from staging into hub/ blobs (mtime, inode kept)."""
@@ -300,7 +306,7 @@ class Fill:
     def abort(self, *, keep_partials: bool = False) -> None:
         """Drop staging for this fill; partial and verified staged files may be kept for a later resume."""
         if not keep_partials:
-            rmtree_quiet(self.dir)
+            self._drop_staging()
 
     @contextlib.contextmanager
     def reserve(self, entries: list[FileEntry]) -> Iterator[int]:

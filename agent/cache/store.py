@@ -8,6 +8,7 @@ only ever live in ``.agent/staging``. The read side (manifests, records, checks)
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -116,6 +117,8 @@ class Store(CacheReader):
                     continue
                 if now - newest > max_partial_age:
                     rmtree_quiet(child)
+        with contextlib.suppress(OSError):
+            d.rmdir()  # nothing left to resume: an empty folder only slows every space check down
 
     def _settle_pending(self, repo: str) -> None:
         d = self.layout.manifest_dir(repo)

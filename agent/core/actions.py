@@ -143,7 +143,8 @@ def plan(
     evicting: set[tuple[str, str]] = set()
     for name, spec in sorted(desired.models.items(), key=lambda kv: (-kv[1].priority, kv[0])):
         st = prev.get(name) or ModelStatus(name)
-        st = replace(st, repo=spec.repo, revision=spec.revision)
+        if st.repo != spec.repo or st.revision != spec.revision:
+            st = replace(st, repo=spec.repo, revision=spec.revision)
         disk = snap.models.get(name) or ModelDisk(name, None, ("not scanned yet",))
         st = _model(out, name, spec, desired.pins.get(name), st, disk, name in busy, done.get(name), now, policy,
                     rng, desired, snap, busy, evicting)
@@ -160,6 +161,13 @@ def plan(
                 tuple(out.evictions), tuple(out.events), tuple(out.counts), min(due) if due else None)
 
 
+def _set(st: ModelStatus, **changes: object) -> ModelStatus:
+    """``replace`` only when something differs: most models are unchanged in most passes (1000s of them)."""
+    if all(getattr(st, k) == v for k, v in changes.items()):
+        return st
+    return replace(st, **changes)  # type: ignore[arg-type]
+
+
 def _model(
     out: _Out, name: str, spec: ModelSpec, pin: str | None, st: ModelStatus, disk: ModelDisk, busy: bool,
     outcome: FillOutcome | None, now: float, policy: Policy, rng: random.Random | None, desired: DesiredState,
@@ -168,6 +176,11 @@ def _model(
     mismatch = disk.record.mismatch(spec, pin) if disk.record is not None else None
     ok = disk.ok and mismatch is None
     busy = busy and outcome is None  # an outcome this pass means its fill has ended
+    if ok and not busy and outcome is None and st.state == "ready":  # the common case, kept cheap at 1000s
+        out.ready.add(name)
+        rec = disk.record
+        assert rec is not None
+        return _set(st, commit=rec.commit, bytes=disk.bytes, level=disk.level)
 
     if outcome is not None and not outcome.cancelled:
         if outcome.ok:
@@ -195,8 +208,8 @@ def _model(
         out.ready.add(name)
         rec = disk.record
         assert rec is not None
-        return replace(st, state="ready", commit=rec.commit, bytes=disk.bytes, level=disk.level, progress=1.0,
-                       attempts=0, last_error="", next_attempt=0.0, repairing=False, filled=False)
+        return _set(st, state="ready", commit=rec.commit, bytes=disk.bytes, level=disk.level, progress=1.0,
+                    attempts=0, last_error="", next_attempt=0.0, repairing=False, filled=False)
 
     why = mismatch or "; ".join(disk.problems[:5]) or "not cached"
     if st.state == "ready":  # it was ready a pass ago: unlabel now, repair at once (no backoff)

@@ -54,7 +54,7 @@ class LocalReporter:
             self._history.append({"at": time.time(), "ready": names})
             log.info("labels", ready=names)
         doc = json.dumps({"labels": {f"{self.prefix}/{n}": "ready" for n in names}, "models": statuses,
-                          "history": list(self._history)}, sort_keys=True, indent=1)
+                          "history": list(self._history)}, sort_keys=True)
         if doc != self._last:
             write_atomic(self.path, doc, tmp_dir=self.path.parent / "staging", fsync=False)
             self._last = doc
@@ -173,7 +173,7 @@ def run_agent(settings: RunSettings, *, stop: threading.Event | None = None,
             parts.append(models)
         health.waiting_for = ""
 
-        hub_watch = HubWatcher(store.layout.hub, loop.mark_dirty).start()
+        hub_watch = HubWatcher(store.layout.hub, loop.mark_dirty, on_overflow=loop.rescan_all).start()
         parts.append(hub_watch)
         health.watch("hub watcher", hub_watch.alive)
         scrubber = Scrubber(store, loop.mark_dirty, rate=settings.scrub_bytes_per_second, on_bytes=metrics.scrubbed,

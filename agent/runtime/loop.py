@@ -32,6 +32,7 @@ from agent.sources.base import Source
 
 log = structlog.get_logger("agent.loop")
 PROGRESS_REFRESH = 1.0  # seconds between passes while fills run, so progress in metrics/annotation moves
+SETTLE = 0.05  # after a wake-up, let the rest of a burst land (one publish is a dozen inotify events)
 
 
 class Reporter(Protocol):
@@ -83,6 +84,11 @@ class _Desired:
 
 
 @dataclass(frozen=True)
+class _RescanAll:
+    pass
+
+
+@dataclass(frozen=True)
 class _Dirty:
     repo: str
     blobs: frozenset[str]
@@ -127,6 +133,7 @@ class Loop:
         self._dirty_repos: dict[str, set[str]] = {}
         self._next_full = float("-inf")
         self._wake_at: float | None = None
+        self._reported: tuple[frozenset[str], dict[str, ModelStatus]] | None = None
         # read by other threads: replaced whole, never mutated
         self._view: tuple[ModelStatus, ...] = ()
         self._progress: dict[str, _Progress] = {}
@@ -142,6 +149,10 @@ class Loop:
     def mark_dirty(self, repo: str, blobs: Collection[str] = ()) -> None:
         """The filesystem watcher or the scrub: re-check models of ``repo`` now (and re-hash these blobs)."""
         self._post(_Dirty(repo, frozenset(blobs)))
+
+    def rescan_all(self) -> None:
+        """Events were lost (inotify overflow): re-check every model on the next pass."""
+        self._post(_RescanAll())
 
     def _post(self, msg: object) -> None:
         self._inbox.put(msg)
@@ -177,7 +188,8 @@ class Loop:
                 self.run_once()
             except Exception:
                 log.exception("loop.pass_failed")
-            self._wake.wait(self._timeout())
+            if self._wake.wait(self._timeout()) and not stop.is_set():
+                stop.wait(SETTLE)  # one pass for the whole burst: a pass costs O(models), a burst is per fill
 
     def _timeout(self) -> float:
         now = self.clock()
@@ -200,6 +212,8 @@ class Loop:
                 self._desired = msg.state
             elif isinstance(msg, _Dirty):
                 self._dirty_repos.setdefault(msg.repo, set()).update(msg.blobs)
+            elif isinstance(msg, _RescanAll):
+                self._next_full = float("-inf")
             elif isinstance(msg, FillOutcome):
                 outcomes.append(msg)
                 self._dirty.add(msg.name)
@@ -230,8 +244,9 @@ class Loop:
         self._statuses = statuses
         self._view = tuple(statuses[n] for n in sorted(statuses))
         self._wake_at = p.wake_at
-        if desired.synced or p.ready:
+        if (desired.synced or p.ready) and (p.ready, statuses) != self._reported:
             self.reporter.report(p.ready, {n: s.compact() for n, s in sorted(statuses.items())})
+            self._reported = (p.ready, statuses)
         self.passes += 1
         self.last_pass = self.wall()
         if desired.synced:
