@@ -81,6 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--scrub-interval", type=float, default=None, help="seconds between xxh3 scrubs (0 = off)")
     r.add_argument("--scrub-rate", default=None, help="scrub read limit, bytes/s (e.g. 200M)")
     r.add_argument("--disk-budget", default=None, help="max bytes the cache may use (e.g. 500G; 0 = free space)")
+    r.add_argument("--drain-grace", type=float, default=None,
+                   help="seconds an unlabelled model must stay unused before its files are deleted (default 300)")
+    r.add_argument("--in-use-file", default=None,
+                   help="no cluster: file of model names in use by workers, one per line (never evicted)")
 
     c = sub.add_parser("coverage", help="models x nodes table of who is warm (reads Node labels)")
     c.add_argument("--kube-host")

@@ -113,6 +113,12 @@ class RunSettings:
     full_scrub_interval: float = 0.0  # sha256/git-sha1 re-read; 0 disables
     disk_budget_bytes: int = 0  # 0: no budget beyond free space
     evict_min_age: float = 600.0  # never evict a snapshot verified less than this long ago
+    # eviction (issue 14): drain, then delete once unused for drain_grace; watermarks of budget or filesystem
+    drain_grace: float = 300.0
+    keep_undesired: bool = False
+    high_watermark: float = 0.85
+    low_watermark: float = 0.75
+    in_use_file: Path | None = None  # file mode: model names pods use, one per line (stands in for the pod watch)
     termination_budget: float = 45.0
     fill_backoff: RetryPolicy = FILL_BACKOFF  # wait between failed fills of one model
     extra: dict[str, Any] = field(default_factory=dict)
@@ -121,7 +127,7 @@ class RunSettings:
 _FILE_KEYS = {
     "cacheDir", "sources", "labelPrefix", "metricsPort", "workers", "scrubInterval", "scrubBytesPerSecond",
     "fullScrubInterval", "diskBudgetBytes", "evictMinAgeSeconds", "terminationBudgetSeconds", "checkInterval",
-    "resyncSeconds",
+    "resyncSeconds", "drainGraceSeconds", "keepUndesired", "highWatermark", "lowWatermark",
 }
 
 
@@ -202,4 +208,22 @@ def load_run_settings(args: Any, env: Mapping[str, str]) -> RunSettings:
             args.disk_budget if args.disk_budget is not None else f.get("diskBudgetBytes", 0), "--disk-budget"),
         termination_budget=_num(f.get("terminationBudgetSeconds", 45), "terminationBudgetSeconds"),
         evict_min_age=_num(f.get("evictMinAgeSeconds", 600), "evictMinAgeSeconds"),
+        **_eviction_settings(args, f),
     )
+
+
+def _eviction_settings(args: Any, f: dict[str, Any]) -> dict[str, Any]:
+    grace = getattr(args, "drain_grace", None)
+    high = _num(f.get("highWatermark", 0.85), "highWatermark")
+    low = _num(f.get("lowWatermark", 0.75), "lowWatermark")
+    if not 0 < low <= high <= 1:
+        raise ConfigError(f"lowWatermark {low} / highWatermark {high}: need 0 < low <= high <= 1")
+    keep = f.get("keepUndesired", False)
+    if not isinstance(keep, bool):
+        raise ConfigError(f"keepUndesired: {keep!r} must be true or false")
+    in_use = getattr(args, "in_use_file", None)
+    return {
+        "drain_grace": _num(grace if grace is not None else f.get("drainGraceSeconds", 300), "drainGraceSeconds"),
+        "keep_undesired": keep, "high_watermark": high, "low_watermark": low,
+        "in_use_file": Path(in_use) if in_use else None,
+    }

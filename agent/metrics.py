@@ -31,7 +31,8 @@ METRIC_NAMES = frozenset({
     "modelcache_fill_bytes_total", "modelcache_fill_failures_total", "modelcache_verify_failures_total",
     "modelcache_repairs_total", "modelcache_scrub_bytes_total", "modelcache_fill_duration_seconds",
     "modelcache_cache_bytes", "modelcache_disk_free_bytes", "modelcache_disk_total_bytes",
-    "modelcache_last_reconcile_timestamp_seconds", "modelcache_evictions_total",
+    "modelcache_last_reconcile_timestamp_seconds", "modelcache_evictions_total", "modelcache_evicted_bytes_total",
+    "modelcache_model_in_use", "modelcache_fill_space_wait_seconds",
 })
 
 
@@ -57,6 +58,8 @@ class StateCollector(Collector):
                                   labels=["model", "level"])
         state = GaugeMetricFamily(f"{PREFIX}model_state", "1 for the model's current state",
                                   labels=["model", "state"])
+        in_use = GaugeMetricFamily(f"{PREFIX}model_in_use", "1 if a pod on this node uses the model (never evicted)",
+                                   labels=["model"])
         for m in models:
             ready.add_metric([m.name, m.repo, m.revision], 1.0 if m.state == "ready" else 0.0)
             size.add_metric([m.name], float(m.bytes))
@@ -65,7 +68,9 @@ class StateCollector(Collector):
                 level.add_metric([m.name, lv], 1.0 if m.level == lv else 0.0)
             for s in STATES:
                 state.add_metric([m.name, s], 1.0 if m.state == s else 0.0)
+            in_use.add_metric([m.name], 1.0 if m.in_use else 0.0)
         yield ready
+        yield in_use
         yield size
         yield prog
         yield level
@@ -97,8 +102,11 @@ class Metrics:
         self.verify_failures = Counter(f"{PREFIX}verify_failures", "Models found damaged or mismatched",
                                        ["reason"], registry=r)
         self.repairs = Counter(f"{PREFIX}repairs", "Damaged models repaired", registry=r)
-        self.evictions = Counter(f"{PREFIX}evictions", "Snapshots evicted to stay within the disk budget",
-                                 registry=r)
+        self.evictions = Counter(f"{PREFIX}evictions", "Snapshots deleted, by why they were drained "
+                                 "(undesired, watermark, priority)", ["reason"], registry=r)
+        self.evicted_bytes = Counter(f"{PREFIX}evicted_bytes", "Bytes freed by evictions", registry=r)
+        self.space_wait = Histogram(f"{PREFIX}fill_space_wait_seconds", "How long a fill waited for disk space",
+                                    registry=r, buckets=(1, 10, 60, 300, 900, 3600, 4 * 3600, float("inf")))
         self.scrub_bytes = Counter(f"{PREFIX}scrub_bytes", "Bytes re-read by the scrub", registry=r)
         self.fill_duration = Histogram(f"{PREFIX}fill_duration_seconds", "Duration of successful fills",
                                        ["source"], registry=r,
@@ -118,8 +126,12 @@ class Metrics:
     def repaired(self) -> None:
         self.repairs.inc()
 
-    def evicted(self) -> None:
-        self.evictions.inc()
+    def evicted(self, reason: str, nbytes: int) -> None:
+        self.evictions.labels(reason).inc()
+        self.evicted_bytes.inc(nbytes)
+
+    def space_waited(self, seconds: float) -> None:
+        self.space_wait.observe(seconds)
 
     def scrubbed(self, nbytes: int) -> None:
         self.scrub_bytes.inc(nbytes)

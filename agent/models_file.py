@@ -158,3 +158,52 @@ class ModelsFileProvider:
 
     def stop(self) -> None:
         self._watcher.stop()
+
+
+def parse_in_use(text: str) -> frozenset[str]:
+    """Model names, one per line (blank lines and ``#`` comments ignored)."""
+    names = (line.split("#", 1)[0].strip() for line in text.splitlines())
+    return frozenset(n for n in names if n)
+
+
+class InUseFileProvider:
+    """``--in-use-file``: the models workers use, for nodes without a pod watch; re-read on change.
+
+    A missing file means nothing is in use. An unreadable one keeps the last set: forgetting a
+    model is in use could delete it from under a worker, keeping it too long only costs disk.
+    """
+
+    def __init__(self, path: Path, on_change: Callable[[frozenset[str]], None]) -> None:
+        self.path = path
+        self.on_change = on_change
+        self._last: frozenset[str] | None = None
+        self._watcher = FileWatcher(path, self.reload)
+
+    def load(self) -> frozenset[str]:
+        try:
+            self._last = parse_in_use(self.path.read_text())
+        except FileNotFoundError:
+            self._last = frozenset()
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"--in-use-file {self.path}: cannot read ({e})") from e
+        return self._last
+
+    def reload(self) -> None:
+        try:
+            names = parse_in_use(self.path.read_text())
+        except FileNotFoundError:
+            names = frozenset()
+        except (OSError, UnicodeDecodeError) as e:
+            log.error("in_use_file.unreadable_kept_last", path=str(self.path), error=str(e))
+            return
+        if names != self._last:
+            self._last = names
+            log.info("in_use_file.reloaded", models=sorted(names))
+            self.on_change(names)
+
+    def start(self) -> InUseFileProvider:
+        self._watcher.start()
+        return self
+
+    def stop(self) -> None:
+        self._watcher.stop()

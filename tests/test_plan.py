@@ -5,10 +5,11 @@ from __future__ import annotations
 import random
 from collections.abc import Mapping
 
-from agent.core.actions import FillOutcome, Plan, Policy, plan
+from agent.core.actions import FillOutcome, Plan, Policy, Usage, plan
 from agent.core.desired import DesiredState, ModelStatus
+from agent.core.eviction import Drain, SpacePolicy
 from agent.core.retry import RetryPolicy
-from agent.core.snapshot import ModelDisk, ModelRecord, NodeSnapshot, SnapshotOnDisk
+from agent.core.snapshot import DiskUse, ModelDisk, ModelRecord, NodeSnapshot, SnapshotOnDisk
 from agent.core.spec import FileFilter, ModelSpec
 from agent.errors import SpecError
 
@@ -148,23 +149,105 @@ def test_cancelled_outcome_is_neither_success_nor_failure() -> None:
     assert p.events == () and p.statuses["m"].attempts == 0
 
 
-def test_disk_full_plans_eviction_of_undesired_snapshot_and_retries_at_once() -> None:
-    new = spec("new")
-    old = SnapshotOnDisk("org/old", C2, frozenset({("w", 300)}), verified_at=0.0)
-    full = FillOutcome("new", False, error="disk full", shortfall=200, spec=new, failures=(("store", "disk_full"),))
-    pol = Policy(backoff=POLICY.backoff, budget_bytes=500, evict_min_age=60.0, wall_now=1000.0)
-    p = step({"new": new}, {"new": ModelDisk("new", None, ("not cached",))}, {"new": ModelStatus("new")},
-             outcomes=(full,), now=5.0, policy=pol, snapshots=(old,))
-    assert [(e.repo, e.commit) for e in p.evictions] == [("org/old", C2)]
-    assert [f.name for f in p.fills] == ["new"]  # no backoff: the space is being freed now
-    assert ("evicted", ()) in [(c.kind, c.args) for c in p.counts]
+GRACE = SpacePolicy(grace=60.0, min_age=0.0)
 
 
-def test_disk_full_never_evicts_equal_priority_and_backs_off() -> None:
-    new, mine = spec("new", 100), spec("mine", 100)
-    snap = SnapshotOnDisk("org/mine", C1, frozenset({("w", 300)}), verified_at=0.0)
-    full = FillOutcome("new", False, error="disk full", shortfall=200, spec=new)
-    pol = Policy(backoff=POLICY.backoff, budget_bytes=500, evict_min_age=0.0, wall_now=1000.0)
-    p = step({"new": new, "mine": mine}, {"new": ModelDisk("new", None, ("not cached",)), "mine": ok(mine)},
-             {"new": ModelStatus("new")}, outcomes=(full,), policy=pol, snapshots=(snap,))
-    assert p.evictions == () and p.fills == () and p.statuses["new"].state == "failed"
+def space_step(models: Mapping[str, ModelSpec], disks: Mapping[str, ModelDisk], records: Mapping[str, ModelRecord],
+               snapshots: tuple[SnapshotOnDisk, ...], *, wall: float, prev: Mapping[str, ModelStatus] | None = None,
+               drains: Mapping[tuple[str, str], Drain] | None = None, in_use: frozenset[str] = frozenset(),
+               outcomes: tuple[FillOutcome, ...] = (), disk: DiskUse | None = None,
+               space: SpacePolicy = GRACE) -> Plan:
+    desired = DesiredState(models=models)
+    snap = NodeSnapshot(disks, snapshots, 0.0, records, disk or DiskUse())
+    return plan(desired, snap, prev or {}, frozenset(), outcomes, 0.0,
+                Policy(backoff=POLICY.backoff, space=space, wall_now=wall), random.Random(1),
+                usage=Usage(in_use, {n: wall for n in in_use}), drains=drains or {})
+
+
+def snapshot_of(s: ModelSpec, commit: str = C1, size: int = 300) -> SnapshotOnDisk:
+    return SnapshotOnDisk(s.repo, commit, frozenset({(f"{s.name}-w", size)}), verified_at=0.0)
+
+
+def test_undesired_model_is_drained_then_deleted_after_the_grace_period() -> None:
+    gone = spec("gone")
+    rec = {"gone": record(gone)}
+    p1 = space_step({}, {}, rec, (snapshot_of(gone),), wall=1000.0)
+    assert list(p1.drains) == [("org/gone", C1)] and p1.evictions == ()
+    p2 = space_step({}, {}, rec, (snapshot_of(gone),), wall=1059.0, drains=p1.drains)
+    assert p2.evictions == ()  # not before the grace period
+    p3 = space_step({}, {}, rec, (snapshot_of(gone),), wall=1060.0, drains=p2.drains)
+    assert [(e.repo, e.kind) for e in p3.evictions] == [("org/gone", "undesired")]
+
+
+def test_model_in_use_is_never_drained_and_its_grace_counts_from_the_last_use() -> None:
+    gone = spec("gone")
+    rec, snaps = {"gone": record(gone)}, (snapshot_of(gone),)
+    p1 = space_step({}, {}, rec, snaps, wall=1000.0, in_use=frozenset({"gone"}))
+    assert p1.drains == {} and p1.evictions == ()
+    p2 = space_step({}, {}, rec, snaps, wall=5000.0, drains=p1.drains)  # the pod ended just now
+    p3 = space_step({}, {}, rec, snaps, wall=5059.0, drains=p2.drains)
+    assert p3.evictions == ()
+    assert space_step({}, {}, rec, snaps, wall=5060.0, drains=p3.drains).evictions != ()
+
+
+def test_pod_arriving_during_the_drain_cancels_it_and_the_label_comes_back() -> None:
+    low, high = spec("low", 10), spec("high", 500)
+    rec = {"low": record(low)}
+    snaps = (snapshot_of(low),)
+    need = FillOutcome("high", False, error="disk full", shortfall=200, spec=high)
+    disks = {"low": ok(low), "high": ModelDisk("high", None, ("not cached",))}
+    prev = {"low": ModelStatus("low", state="ready"), "high": ModelStatus("high", state="filling")}
+    p1 = space_step({"low": low, "high": high}, disks, rec, snaps, wall=1000.0, prev=prev, outcomes=(need,))
+    assert p1.statuses["low"].state == "draining" and "low" not in p1.ready
+    assert p1.statuses["high"].state == "waiting-for-space"
+    assert [e.reason for e in p1.events if e.name == "low"] == ["Draining"]
+    p2 = space_step({"low": low, "high": high}, disks, rec, snaps, wall=1010.0, prev=p1.statuses, drains=p1.drains,
+                    in_use=frozenset({"low"}))
+    assert p2.drains == {} and "low" in p2.ready and p2.statuses["low"].in_use
+    assert [e.reason for e in p2.events if e.name == "low"] == ["DrainCancelled"]
+
+
+def test_fill_out_of_room_drains_lower_priority_then_fills_when_it_is_deleted() -> None:
+    low, high = spec("low", 10), spec("high", 500)
+    rec, snaps = {"low": record(low)}, (snapshot_of(low),)
+    need = FillOutcome("high", False, error="disk full", shortfall=200, spec=high)
+    disks = {"low": ok(low), "high": ModelDisk("high", None, ("not cached",))}
+    prev = {"low": ModelStatus("low", state="ready"), "high": ModelStatus("high", state="filling")}
+    models = {"low": low, "high": high}
+    p1 = space_step(models, disks, rec, snaps, wall=1000.0, prev=prev, outcomes=(need,))
+    assert p1.fills == () and [e.reason for e in p1.events if e.name == "high"] == ["WaitingForSpace"]
+    p2 = space_step(models, disks, rec, snaps, wall=1060.0, prev=p1.statuses, drains=p1.drains)
+    assert [(e.repo, e.kind) for e in p2.evictions] == [("org/low", "priority")]
+    assert [f.name for f in p2.fills] == ["high"]  # deleted first in the same pass, then filled
+
+
+def test_nothing_evictable_means_the_fill_waits_and_nobody_is_unlabelled() -> None:
+    mine, other = spec("mine", 100), spec("other", 100)
+    rec, snaps = {"mine": record(mine)}, (snapshot_of(mine),)
+    need = FillOutcome("other", False, error="disk full: needs 200", shortfall=200, spec=other)
+    disks = {"mine": ok(mine), "other": ModelDisk("other", None, ("not cached",))}
+    prev = {"mine": ModelStatus("mine", state="ready"), "other": ModelStatus("other", state="filling")}
+    p = space_step({"mine": mine, "other": other}, disks, rec, snaps, wall=1000.0, prev=prev, outcomes=(need,))
+    assert p.drains == {} and p.ready == {"mine"}  # equal priority is never taken
+    st = p.statuses["other"]
+    assert st.state == "waiting-for-space" and st.need_bytes == 200 and "nothing may be evicted" in st.last_error
+    assert p.events[-1].reason == "WaitingForSpace" and p.fills == ()
+
+
+def test_high_watermark_drains_kept_undesired_models_lru_down_to_the_low_one() -> None:
+    a, b, c = spec("a"), spec("b"), spec("c")
+    recs = {"a": record(a), "b": record(b), "c": record(c)}
+    snaps = tuple(SnapshotOnDisk(s.repo, C1, frozenset({(s.name, 100)}), verified_at=t)
+                  for s, t in ((a, 30.0), (b, 10.0), (c, 20.0)))
+    keep = SpacePolicy(grace=0.0, min_age=0.0, keep_undesired=True, high_watermark=0.85, low_watermark=0.75)
+    quiet = space_step({}, {}, recs, snaps, wall=1000.0, disk=DiskUse(800, 1000), space=keep)
+    assert quiet.drains == {}  # below the high watermark: kept as a cache
+    p = space_step({}, {}, recs, snaps, wall=1000.0, disk=DiskUse(900, 1000), space=keep)
+    assert [e.repo for e in p.evictions] == ["org/b", "org/c"]  # least recently used first, 150 bytes needed
+
+
+def test_watermark_never_takes_a_desired_model() -> None:
+    a = spec("a")
+    p = space_step({"a": a}, {"a": ok(a)}, {"a": record(a)}, (snapshot_of(a),), wall=1000.0,
+                   prev={"a": ModelStatus("a", state="ready")}, disk=DiskUse(990, 1000))
+    assert p.drains == {} and p.ready == {"a"}

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from agent.cache.layout import CacheLayout
+from agent.core.snapshot import DiskUse
 from agent.errors import DiskFullError
 
 
@@ -144,6 +145,18 @@ class SpaceLedger:
         finally:
             with self._mu:
                 self._holds.pop(key, None)
+
+    def disk_use(self) -> DiskUse:
+        """What the watermarks compare: of the budget when set, else of the filesystem (reservations included)."""
+        if self.budget > 0:
+            return DiskUse(self.used(), self.budget)
+        try:
+            du = self._disk_usage(self.layout.root)
+        except OSError:
+            return DiskUse()  # no cache root yet: nothing to compare
+        with self._mu:
+            out = self._outstanding()
+        return DiskUse(du.used + out, du.total)
 
     def usage(self) -> DiskUsage:
         du = self._disk_usage(self.layout.root)

@@ -5,10 +5,11 @@ only owner) and the actions to execute: labels, fills to queue or cancel, blobs 
 snapshots to evict, Events and metric observations. No I/O and no clock here, so every rule of
 the state machine below is a unit test:
 
-    pending  --queue-->  filling  --fill ok + scan ok-->  ready
-       ^                    |  \\--fill ok, scan not ok / fill failed-->  failed (backoff)
-       |                    |                                                |
-       +----- spec changed -+-- ready, then a scan finds damage --> damaged (repair at once)
+    pending  --queue-->  filling  --fill ok + scan ok-->  ready  --chosen for eviction-->  draining
+       ^                    |  \\--fill ok, scan not ok / fill failed-->  failed (backoff)       |
+       |                    \\--out of room-->  waiting-for-space (until an eviction frees it)  |
+       +----- spec changed -+-- ready, then a scan finds damage --> damaged (repair at once)   |
+                                                   a pod uses it again: drain cancelled, ready <+
 
 A model is ``ready`` only when its scan is ok: a record of the file set it was filled with that
 satisfies the spec now, and every one of those files verified. A fill that "succeeded" but whose
@@ -22,7 +23,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 from agent.core.desired import DesiredState, ModelStatus
-from agent.core.eviction import Candidate, plan_eviction
+from agent.core.eviction import Candidate, Drain, Need, SpacePlan, SpacePolicy, plan_space
 from agent.core.retry import RetryPolicy
 from agent.core.snapshot import ModelDisk, NodeSnapshot
 from agent.core.spec import ModelSpec
@@ -46,7 +47,7 @@ class FillOutcome:
     seconds: float = 0.0
     commit: str = ""
     level: str = ""
-    shortfall: int = 0  # disk full: bytes missing, which eviction may free
+    shortfall: int = 0  # out of room: bytes missing, which eviction may free
     spec: ModelSpec | None = None  # the spec the fill worked for (the desired one may have changed since)
     repair: bool = False  # the fill was a repair of a model that had been ready
 
@@ -71,10 +72,13 @@ class Quarantine:
 
 @dataclass(frozen=True)
 class Evict:
+    """Delete one drained snapshot (under the repo lock) and the records of ``models``."""
+
     repo: str
     commit: str
     reason: str  # why, for the log and the Event
-    models: tuple[str, ...] = ()  # desired models that lose their copy (Events go to them)
+    models: tuple[str, ...] = ()  # the model records that pointed at it
+    kind: str = "undesired"  # undesired | watermark | priority: the evictions metric's reason
 
 
 @dataclass(frozen=True)
@@ -104,6 +108,7 @@ class Plan:
     events: tuple[Event, ...] = ()
     counts: tuple[Count, ...] = ()
     wake_at: float | None = None  # earliest future moment something is due (a backoff ends)
+    drains: Mapping[tuple[str, str], Drain] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -111,9 +116,16 @@ class Policy:
     """The knobs of the plan, from settings."""
 
     backoff: RetryPolicy = FILL_BACKOFF
-    budget_bytes: int = 0  # 0: no budget; eviction only ever runs to fit a budget
-    evict_min_age: float = 600.0
-    wall_now: float = 0.0  # wall-clock seconds, for snapshot ages (verified_at is wall time)
+    space: SpacePolicy = field(default_factory=SpacePolicy)
+    wall_now: float = 0.0  # wall-clock seconds: snapshot ages, drains and last use are wall time
+
+
+@dataclass(frozen=True)
+class Usage:
+    """Who uses what on this node: models a pod selects now, and when each was last seen in use."""
+
+    in_use: frozenset[str] = frozenset()
+    last_used: Mapping[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -122,7 +134,6 @@ class _Out:
     ready: set[str] = field(default_factory=set)
     fills: list[FillAction] = field(default_factory=list)
     quarantines: list[Quarantine] = field(default_factory=list)
-    evictions: list[Evict] = field(default_factory=list)
     events: list[Event] = field(default_factory=list)
     counts: list[Count] = field(default_factory=list)
 
@@ -136,29 +147,86 @@ def plan(
     now: float,
     policy: Policy = Policy(),
     rng: random.Random | None = None,
+    *,
+    usage: Usage = Usage(),
+    drains: Mapping[tuple[str, str], Drain] | None = None,
 ) -> Plan:
     """One pass's decision. ``busy``: models with a queued or running fill. ``now``: the loop's clock."""
     out = _Out()
     done = {o.name: o for o in outcomes}  # the latest outcome per model
-    evicting: set[tuple[str, str]] = set()
+    cands = candidates(desired, snap, usage)
+    needs = [Need(n, s.priority, st.need_bytes) for n, s in desired.models.items()
+             if (st := prev.get(n)) is not None and st.state == "waiting-for-space" and st.need_bytes > 0]
+    needs += [Need(o.name, desired.models[o.name].priority, o.shortfall) for o in outcomes
+              if o.shortfall > 0 and o.name in desired.models and not o.cancelled]
+    space = plan_space(cands, drains or {}, needs, used=snap.disk.used, capacity=snap.disk.capacity,
+                       now=policy.wall_now, policy=policy.space)
+    unmet = {n.name for n in space.unmet}
+    freeing = bool(space.delete)
     for name, spec in sorted(desired.models.items(), key=lambda kv: (-kv[1].priority, kv[0])):
         st = prev.get(name) or ModelStatus(name)
         if st.repo != spec.repo or st.revision != spec.revision:
             st = replace(st, repo=spec.repo, revision=spec.revision)
+        in_use = name in usage.in_use
+        if st.in_use != in_use:
+            st = replace(st, in_use=in_use)
         disk = snap.models.get(name) or ModelDisk(name, None, ("not scanned yet",))
+        draining = disk.record is not None and (disk.record.repo, disk.record.commit) in space.drains \
+            and disk.record.same_commit(spec, desired.pins.get(name))
         st = _model(out, name, spec, desired.pins.get(name), st, disk, name in busy, done.get(name), now, policy,
-                    rng, desired, snap, busy, evicting)
+                    rng, draining=draining, unmet=name in unmet, freeing=freeing)
         out.statuses[name] = st
     for name, err in desired.errors.items():
         st = prev.get(name) or ModelStatus(name)
         if not (st.state == "invalid" and st.last_error == str(err)):  # news only once per distinct error
             out.events.append(Event(name, "InvalidSpec", str(err), warning=True))
         out.statuses[name] = replace(st, state="invalid", last_error=str(err))
+    evictions = _space_actions(out, space, desired)
     cancels = tuple(sorted(n for n in busy if n not in desired.models))
     due = [s.next_attempt for n, s in out.statuses.items()
-           if s.state in ("failed", "pending") and n not in busy and s.next_attempt > now]
+           if s.state in ("failed", "pending", "waiting-for-space") and n not in busy and s.next_attempt > now]
     return Plan(out.statuses, frozenset(out.ready), tuple(out.fills), cancels, tuple(out.quarantines),
-                tuple(out.evictions), tuple(out.events), tuple(out.counts), min(due) if due else None)
+                evictions, tuple(out.events), tuple(out.counts), min(due) if due else None, space.drains)
+
+
+def candidates(desired: DesiredState, snap: NodeSnapshot, usage: Usage) -> list[Candidate]:
+    """Every snapshot on disk with its holders: which records point at it, which desired models want it."""
+    holders: dict[tuple[str, str], list[str]] = {}
+    for name, rec in snap.records.items():
+        holders.setdefault((rec.repo, rec.commit), []).append(name)
+    desired_repos: dict[str, int] = {}
+    for s in desired.models.values():
+        desired_repos[s.repo] = max(desired_repos.get(s.repo, s.priority), s.priority)
+    out = []
+    for sn in snap.snapshots:
+        models = sorted(holders.get((sn.repo, sn.commit), []))
+        prios = [desired.models[n].priority for n in models if n in desired.models
+                 and snap.records[n].same_commit(desired.models[n], desired.pins.get(n))]
+        if not models and sn.repo in desired_repos:
+            prios = [desired_repos[sn.repo]]  # no record yet (a cache from before records): its repo's models hold it
+        last = max((usage.last_used.get(n, 0.0) for n in models), default=0.0)
+        out.append(Candidate(sn.repo, sn.commit, sn.blobs, sn.verified_at, max(prios) if prios else None,
+                             tuple(models), any(n in usage.in_use for n in models), last))
+    return out
+
+
+def _space_actions(out: _Out, space: SpacePlan, desired: DesiredState) -> tuple[Evict, ...]:
+    for c, d in space.started:
+        for n in c.models:
+            if n in desired.models:
+                out.events.append(Event(n, "Draining", f"{c.repo}@{c.commit[:12]} unlabelled for eviction "
+                                        f"{d.reason}; deleted once no pod uses it", warning=True))
+    for c in space.cancelled:
+        for n in c.models:
+            if n in desired.models:
+                out.events.append(Event(n, "DrainCancelled", f"{c.repo}@{c.commit[:12]} is in use again: kept"))
+    evictions = []
+    for c, d in space.delete:
+        evictions.append(Evict(c.repo, c.commit, d.reason, c.models, d.kind))
+        for n in c.models:
+            if n in desired.models:
+                out.events.append(Event(n, "Evicted", f"{c.repo}@{c.commit[:12]} deleted {d.reason}", warning=True))
+    return tuple(evictions)
 
 
 def _set(st: ModelStatus, **changes: object) -> ModelStatus:
@@ -170,13 +238,13 @@ def _set(st: ModelStatus, **changes: object) -> ModelStatus:
 
 def _model(
     out: _Out, name: str, spec: ModelSpec, pin: str | None, st: ModelStatus, disk: ModelDisk, busy: bool,
-    outcome: FillOutcome | None, now: float, policy: Policy, rng: random.Random | None, desired: DesiredState,
-    snap: NodeSnapshot, all_busy: frozenset[str], evicting: set[tuple[str, str]],
+    outcome: FillOutcome | None, now: float, policy: Policy, rng: random.Random | None, *,
+    draining: bool, unmet: bool, freeing: bool,
 ) -> ModelStatus:
     mismatch = disk.record.mismatch(spec, pin) if disk.record is not None else None
     ok = disk.ok and mismatch is None
     busy = busy and outcome is None  # an outcome this pass means its fill has ended
-    if ok and not busy and outcome is None and st.state == "ready":  # the common case, kept cheap at 1000s
+    if ok and not draining and not busy and outcome is None and st.state == "ready":  # the common case, cheap
         out.ready.add(name)
         rec = disk.record
         assert rec is not None
@@ -188,32 +256,54 @@ def _model(
             out.counts.append(Count("fill_done", (outcome.source, outcome.fetched_bytes, outcome.seconds)))
             if outcome.repair:
                 out.counts.append(Count("repaired"))
+            if st.waiting_since:
+                out.counts.append(Count("space_waited", (max(now - st.waiting_since, 0.0),)))
             out.events.append(Event(name, kind, f"{spec.repo}@{outcome.commit[:12]}: {outcome.fetched_files} files, "
                                     f"{outcome.fetched_bytes} bytes from {outcome.source} in {outcome.seconds:.1f}s "
                                     f"({outcome.level})"))
-            st = replace(st, source=outcome.source, filled=True, repairing=False, last_error="")
+            st = replace(st, source=outcome.source, filled=True, repairing=False, last_error="", need_bytes=0,
+                         waiting_since=0.0)
+        elif outcome.shortfall > 0:  # out of room: wait for an eviction (or for space freed by others)
+            if st.state != "waiting-for-space" or unmet != st.last_error.startswith("nothing may be evicted"):
+                why = ("nothing may be evicted for it (models in use, or of equal or higher priority)" if unmet
+                       else "models are being drained to make room")
+                out.events.append(Event(name, "WaitingForSpace", f"{outcome.error}; {why}", warning=True))
+                st = replace(st, last_error=("nothing may be evicted: " if unmet else "") + outcome.error)
+            for kind, reason in outcome.failures:
+                out.counts.append(Count("fill_failed", (kind, reason)))
+            st = replace(st, state="waiting-for-space", need_bytes=outcome.shortfall, filled=False, progress=0.0,
+                         waiting_since=st.waiting_since or now,
+                         next_attempt=now + min(policy.backoff.delay(st.attempts + 1, rng), 60.0))
         else:
             for kind, reason in outcome.failures:
                 out.counts.append(Count("fill_failed", (kind, reason)))
-            freed = _evict_for(out, name, spec, outcome, desired, snap, all_busy, policy, evicting)
             attempts = st.attempts + 1
-            delay = 0.0 if freed else policy.backoff.delay(attempts, rng)
             out.events.append(Event(name, "FillFailed", outcome.error, warning=True))
-            st = replace(st, state="failed", last_error=outcome.error, attempts=attempts, next_attempt=now + delay,
-                         filled=False, progress=0.0)
+            st = replace(st, state="failed", last_error=outcome.error, attempts=attempts, filled=False, progress=0.0,
+                         next_attempt=now + policy.backoff.delay(attempts, rng), need_bytes=0, waiting_since=0.0)
 
     if busy:  # a fill is under way: its outcome decides (the files may already be in place)
         return st if st.state == "filling" else replace(st, state="filling", progress=0.0)
+    if draining:  # unlabelled until deleted, unless a pod uses it again (the drain is then cancelled)
+        return _set(st, state="draining", filled=False)
     if ok:
         out.ready.add(name)
         rec = disk.record
         assert rec is not None
         return _set(st, state="ready", commit=rec.commit, bytes=disk.bytes, level=disk.level, progress=1.0,
-                    attempts=0, last_error="", next_attempt=0.0, repairing=False, filled=False)
+                    attempts=0, last_error="", next_attempt=0.0, repairing=False, filled=False, need_bytes=0,
+                    waiting_since=0.0)
+    if st.state == "waiting-for-space":
+        if freeing or st.next_attempt <= now:  # an eviction runs this pass (before fills), or a periodic retry
+            out.fills.append(FillAction(name, spec, pin, repair=st.repairing))
+            return replace(st, state="filling", progress=0.0, next_attempt=0.0)
+        return st
 
     why = mismatch or "; ".join(disk.problems[:5]) or "not cached"
-    if st.state == "ready":  # it was ready a pass ago: unlabel now, repair at once (no backoff)
-        damaged = mismatch is None
+    if st.state == "draining":  # evicted (its record went with the snapshot): fill again when there is room
+        st = replace(st, state="pending", next_attempt=0.0, attempts=0, last_error="")
+    elif st.state == "ready":  # labelled a pass ago: unlabel now, repair at once (no backoff)
+        damaged = mismatch is None and disk.record is not None
         out.counts.append(Count("verify_failed", ("damaged" if damaged else "spec_changed",)))
         if damaged:
             out.events.append(Event(name, "VerifyFailed", f"{spec.repo}: {why}", warning=True))
@@ -234,34 +324,3 @@ def _model(
         out.fills.append(FillAction(name, spec, pin, repair=st.repairing or st.state == "damaged"))
         return replace(st, state="filling", progress=0.0)
     return st
-
-
-def _evict_for(
-    out: _Out, name: str, spec: ModelSpec, outcome: FillOutcome, desired: DesiredState, snap: NodeSnapshot,
-    busy: frozenset[str], policy: Policy, evicting: set[tuple[str, str]],
-) -> bool:
-    """A fill that ran out of budget: plan evictions that free its shortfall (True if any were planned)."""
-    if outcome.shortfall <= 0 or policy.budget_bytes <= 0:
-        return False
-    holders: dict[tuple[str, str], list[str]] = {}
-    for n, s in desired.models.items():
-        d = snap.models.get(n)
-        if d is not None and d.record is not None and d.record.repo == s.repo:
-            holders.setdefault((s.repo, d.record.commit), []).append(n)
-    busy_repos = {desired.models[n].repo for n in busy if n in desired.models and n != name}
-    cands = []
-    for s in snap.snapshots:
-        key = (s.repo, s.commit)
-        if s.repo in busy_repos or key in evicting:
-            continue
-        users = holders.get(key)
-        prio = max(desired.models[n].priority for n in users) if users else None
-        cands.append(Candidate(s.repo, s.commit, s.blobs, s.verified_at, prio))
-    chosen = plan_eviction(cands, outcome.shortfall, for_priority=spec.priority, now=policy.wall_now,
-                           min_age=policy.evict_min_age)
-    for c in chosen:
-        evicting.add((c.repo, c.commit))
-        users = tuple(holders.get((c.repo, c.commit), ()))
-        out.evictions.append(Evict(c.repo, c.commit, f"to make room for {name} (priority {spec.priority})", users))
-        out.counts.append(Count("evicted"))
-    return bool(chosen)

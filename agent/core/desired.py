@@ -14,8 +14,9 @@ from typing import Literal
 from agent.core.spec import ModelSpec
 from agent.errors import SpecError
 
-ModelState = Literal["pending", "filling", "ready", "failed", "damaged", "invalid"]
-STATES: tuple[ModelState, ...] = ("pending", "filling", "ready", "failed", "damaged", "invalid")
+ModelState = Literal["pending", "filling", "ready", "failed", "damaged", "invalid", "draining", "waiting-for-space"]
+STATES: tuple[ModelState, ...] = ("pending", "filling", "ready", "failed", "damaged", "invalid", "draining",
+                                  "waiting-for-space")
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,9 @@ class ModelStatus:
     next_attempt: float = 0.0  # loop clock seconds; 0 means now
     repairing: bool = False  # was ready, then damaged: the next successful fill is a repair
     filled: bool = False  # a fill just reported success: the next scan must confirm it (else it failed)
+    need_bytes: int = 0  # waiting-for-space: how many more bytes the fill needs
+    waiting_since: float = 0.0  # loop clock when it started waiting for space (for the wait-time metric)
+    in_use: bool = False  # a pod on this node uses it (never drained or evicted)
 
     def compact(self) -> dict[str, object]:
         d: dict[str, object] = {"state": self.state}
@@ -59,4 +63,6 @@ class ModelStatus:
             d["level"] = self.level
         if self.last_error:
             d["error"] = self.last_error[:200]
+        if self.in_use:
+            d["inUse"] = True
         return d

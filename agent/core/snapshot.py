@@ -54,6 +54,14 @@ class ModelRecord:
             return f"{spec.revision} is pinned to {pin[:12]}, filled at {self.commit[:12]}"
         return None
 
+    def same_commit(self, spec: ModelSpec, pin: str | None) -> bool:
+        """Does ``spec`` still want this record's commit (a refill, e.g. for a widened filter, reuses it)?"""
+        if self.repo != spec.repo:
+            return False
+        if is_commit(spec.revision):
+            return self.commit == spec.revision
+        return self.revision == spec.revision and (pin is None or pin == self.commit)
+
     def to_json(self) -> dict[str, Any]:
         return {"version": 1, "name": self.name, "repo": self.repo, "revision": self.revision,
                 "commit": self.commit, "files": self.files.to_dict(), "paths": list(self.paths),
@@ -103,9 +111,19 @@ class SnapshotOnDisk:
 
 
 @dataclass(frozen=True)
+class DiskUse:
+    """What the watermarks compare: bytes used (incl. reservations of fills in flight) of a capacity."""
+
+    used: int = 0
+    capacity: int = 0  # the budget when one is set, else the cache filesystem's size (0: unknown)
+
+
+@dataclass(frozen=True)
 class NodeSnapshot:
     """Everything one pass of the loop decides from. Immutable: the plan cannot change the world."""
 
     models: Mapping[str, ModelDisk] = field(default_factory=dict)
     snapshots: tuple[SnapshotOnDisk, ...] = ()
     taken_at: float = 0.0
+    records: Mapping[str, ModelRecord] = field(default_factory=dict)  # every model record, desired or not
+    disk: DiskUse = field(default_factory=DiskUse)

@@ -24,9 +24,10 @@ from agent.cache.store import Store
 from agent.cache.watch import HubWatcher
 from agent.config import RunSettings
 from agent.core.actions import Policy
+from agent.core.eviction import SpacePolicy
 from agent.errors import ConfigError
 from agent.metrics import Health, HealthServer, Metrics, StateCollector
-from agent.models_file import ModelsFileProvider
+from agent.models_file import InUseFileProvider, ModelsFileProvider
 from agent.runtime.loop import Loop
 from agent.runtime.scrub import Scrubber
 from agent.sources.factory import open_sources
@@ -131,8 +132,9 @@ def run_agent(settings: RunSettings, *, stop: threading.Event | None = None,
     store.sweep_all()
     sources = open_sources(list(settings.sources), settings.source_settings)
     metrics = Metrics()
-    policy = Policy(backoff=settings.fill_backoff, budget_bytes=settings.disk_budget_bytes,
-                    evict_min_age=settings.evict_min_age)
+    policy = Policy(backoff=settings.fill_backoff, space=SpacePolicy(
+        grace=settings.drain_grace, min_age=settings.evict_min_age, keep_undesired=settings.keep_undesired,
+        high_watermark=settings.high_watermark, low_watermark=settings.low_watermark))
     loop = Loop(store, sources, LocalReporter(store.layout.agent_dir / "node-status.json", settings.label_prefix),
                 workers=settings.workers, policy=policy, observer=metrics, check_interval=settings.check_interval)
     loops.append(loop)
@@ -171,6 +173,10 @@ def run_agent(settings: RunSettings, *, stop: threading.Event | None = None,
             loop.set_desired(models.load())
             models.start()
             parts.append(models)
+            if settings.in_use_file is not None:
+                in_use = InUseFileProvider(settings.in_use_file, loop.set_in_use)
+                loop.set_in_use(in_use.load())
+                parts.append(in_use.start())
         health.waiting_for = ""
 
         hub_watch = HubWatcher(store.layout.hub, loop.mark_dirty, on_overflow=loop.rescan_all).start()

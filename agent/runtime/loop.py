@@ -10,19 +10,23 @@ for metrics. Nothing here sleeps on the clock: tests drive ``run_once`` with an 
 
 from __future__ import annotations
 
+import json
 import queue
 import random
 import threading
 import time
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Protocol
 
 import structlog
 
+from agent.cache.fsutil import write_atomic
 from agent.cache.store import Store
-from agent.core.actions import FillAction, FillOutcome, Plan, Policy, plan
+from agent.core.actions import FillAction, FillOutcome, Plan, Policy, Usage, plan
 from agent.core.desired import DesiredState, ModelStatus
+from agent.core.eviction import Drain
 from agent.core.spec import ModelSpec, is_commit
 from agent.errors import AgentError, Cancelled, DiskFullError, LockedError
 from agent.runtime.fill import FillFailed, fill_model
@@ -50,7 +54,8 @@ class Observer(Protocol):
     def fill_failed(self, source: str, reason: str) -> None: ...
     def verify_failed(self, reason: str) -> None: ...
     def repaired(self) -> None: ...
-    def evicted(self) -> None: ...
+    def evicted(self, reason: str, nbytes: int) -> None: ...
+    def space_waited(self, seconds: float) -> None: ...
 
 
 class NullObserver:
@@ -86,6 +91,11 @@ class _Desired:
 @dataclass(frozen=True)
 class _RescanAll:
     pass
+
+
+@dataclass(frozen=True)
+class _InUse:
+    names: frozenset[str]
 
 
 @dataclass(frozen=True)
@@ -133,6 +143,9 @@ class Loop:
         self._dirty_repos: dict[str, set[str]] = {}
         self._next_full = float("-inf")
         self._wake_at: float | None = None
+        self._drains: Mapping[tuple[str, str], Drain] = {}
+        self._in_use: frozenset[str] = frozenset()
+        self._last_used: dict[str, float] = _load_usage(store.layout.agent_dir / "usage.json")
         self._reported: tuple[frozenset[str], dict[str, ModelStatus]] | None = None
         # read by other threads: replaced whole, never mutated
         self._view: tuple[ModelStatus, ...] = ()
@@ -149,6 +162,10 @@ class Loop:
     def mark_dirty(self, repo: str, blobs: Collection[str] = ()) -> None:
         """The filesystem watcher or the scrub: re-check models of ``repo`` now (and re-hash these blobs)."""
         self._post(_Dirty(repo, frozenset(blobs)))
+
+    def set_in_use(self, names: Collection[str]) -> None:
+        """The models pods on this node use now (pod watch, or ``--in-use-file``): never drained or evicted."""
+        self._post(_InUse(frozenset(names)))
 
     def rescan_all(self) -> None:
         """Events were lost (inotify overflow): re-check every model on the next pass."""
@@ -212,6 +229,10 @@ class Loop:
                 self._desired = msg.state
             elif isinstance(msg, _Dirty):
                 self._dirty_repos.setdefault(msg.repo, set()).update(msg.blobs)
+            elif isinstance(msg, _InUse):
+                if msg.names != self._in_use:
+                    self._in_use = msg.names
+                    self._touch_usage(save=True)
             elif isinstance(msg, _RescanAll):
                 self._next_full = float("-inf")
             elif isinstance(msg, FillOutcome):
@@ -234,7 +255,10 @@ class Loop:
         self._dirty, self._dirty_repos = set(), {}
         snap = self.scanner.scan(desired, dirty=dirty, dirty_repos=dirty_repos, full=full, now=now)
         policy = replace(self.policy, wall_now=self.wall())
-        p = plan(desired, snap, self._statuses, busy, outcomes, now, policy, self.rng)
+        self._touch_usage(save=False)
+        p = plan(desired, snap, self._statuses, busy, outcomes, now, policy, self.rng,
+                 usage=Usage(self._in_use, dict(self._last_used)), drains=self._drains)
+        self._drains = p.drains
         self._execute(p, desired)
         statuses = dict(p.statuses)
         for name, prog in list(self._progress.items()):
@@ -276,10 +300,10 @@ class Loop:
             except (LockedError, OSError) as e:
                 log.warning("loop.evict_failed", repo=ev.repo, commit=ev.commit, error=str(e))
                 continue
-            log.warning("loop.evicted", repo=ev.repo, commit=ev.commit, freed=freed, reason=ev.reason)
+            log.warning("loop.evicted", repo=ev.repo, commit=ev.commit, freed=freed, reason=ev.reason,
+                        models=list(ev.models))
+            self.observer.evicted(ev.kind, freed)
             self.scanner.forget_repo(ev.repo)
-            for name in ev.models:
-                self.reporter.event(name, "Evicted", f"{ev.repo}@{ev.commit[:12]} evicted {ev.reason}", warning=True)
             self._dirty |= set(ev.models)
         for c in p.counts:
             getattr(self.observer, c.kind)(*c.args)
@@ -289,6 +313,14 @@ class Loop:
             return
         for f in p.fills:
             self.queue.add(f.name, f, priority=f.spec.priority)
+
+    def _touch_usage(self, *, save: bool) -> None:
+        """Remember when each model was last in use (least recently used goes first under pressure)."""
+        now = self.wall()
+        for name in self._in_use:
+            self._last_used[name] = now
+        if save:
+            _save_usage(self.store.layout.agent_dir / "usage.json", self._last_used)
 
     # -- fills (worker threads) --------------------------------------------------------------------
 
@@ -362,6 +394,7 @@ class Loop:
         Anything stopped leaves only staging behind (publish is atomic), reused or swept at next start.
         """
         self._stop.set()
+        self._touch_usage(save=True)
         for name in self.queue.busy() - self.queue.running():
             self.queue.cancel(name)
         finished = self.queue.wait_idle(budget)
@@ -374,3 +407,18 @@ def _changed(old: DesiredState, new: DesiredState) -> set[str]:
     """Models whose spec or pin differs (or that are new): they need a fresh check this pass."""
     out = {n for n, s in new.models.items() if old.models.get(n) != s or old.pins.get(n) != new.pins.get(n)}
     return out | (set(old.models) - set(new.models))
+
+
+def _load_usage(path: Path) -> dict[str, float]:
+    try:
+        data = json.loads(path.read_text())
+        return {str(k): float(v) for k, v in data.items()}
+    except (OSError, ValueError, TypeError, AttributeError):
+        return {}
+
+
+def _save_usage(path: Path, last_used: Mapping[str, float]) -> None:
+    try:
+        write_atomic(path, json.dumps(dict(sorted(last_used.items()))), fsync=False)
+    except OSError as e:
+        log.warning("loop.usage_not_saved", path=str(path), error=e.strerror)

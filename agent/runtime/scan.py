@@ -42,6 +42,7 @@ class Scanner:
     _manifests: dict[tuple[str, str], tuple[_StatKey, Manifest]] = field(default_factory=dict)
     _records: dict[str, tuple[_StatKey, ModelRecord]] = field(default_factory=dict)
     _snapshots: dict[tuple[str, str], SnapshotOnDisk] = field(default_factory=dict)
+    _all_records: dict[str, ModelRecord] = field(default_factory=dict)  # every record on disk, desired or not
     checks: int = 0  # models checked in all (tests and the bench read it: a pass costs what changed)
 
     def scan(
@@ -59,6 +60,7 @@ class Scanner:
             self._snapshots = {}
             for repo in self.store.manifest_repos():
                 self._refresh_repo_snapshots(repo)
+            self._all_records = {r.name: r for r in self.store.records()}
         else:
             for repo in dirty_repos:
                 self._refresh_repo_snapshots(repo)
@@ -70,12 +72,21 @@ class Scanner:
                 prev = self._check(name, dirty_repos)
             models[name] = prev
         self._models = models
-        return NodeSnapshot(models, tuple(self._snapshots.values()), now)
+        for name, disk in models.items():  # what this pass read: keep the index of every record current
+            if disk.record is not None:
+                self._all_records[name] = disk.record
+            elif disk.problems == ("not cached",):
+                self._all_records.pop(name, None)
+        return NodeSnapshot(models, tuple(self._snapshots.values()), now, dict(self._all_records),
+                            self.store.space.disk_use())
 
     def forget_repo(self, repo: str) -> None:
-        """After our own eviction or quarantine: drop what we remembered of the repo's manifests."""
+        """After our own eviction or quarantine: drop what we remembered of the repo's manifests and records."""
         for key in [k for k in self._manifests if k[0] == repo]:
             del self._manifests[key]
+        for name in [n for n, r in self._all_records.items() if r.repo == repo]:
+            if not self.store.layout.record_path(name).exists():
+                del self._all_records[name]
         self._refresh_repo_snapshots(repo)
 
     def _refresh_repo_snapshots(self, repo: str) -> None:
