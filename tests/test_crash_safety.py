@@ -203,3 +203,34 @@ def test_lock_timeout_names_the_other_fill(crash_pvc: tuple[Path, str], tmp_path
             capture_output=True, text=True, cwd=str(Path(__file__).parents[1]),
         )
     assert r.returncode == 1 and "being filled by another process" in r.stderr
+
+
+@pytest.mark.parametrize("inodes", [6, 9, 12, 15, 18, 21, 24, 27, 30, 34, 38, 44])
+def test_running_out_of_inodes_at_any_step_is_one_clear_line(tmp_path: Path, inodes: int) -> None:
+    """Issue 10 item 5: ENOSPC from mkdir, the .part create, the manifest temp, a symlink or a ref.
+
+    A tmpfs with only ``inodes`` inodes makes a different metadata step of the fill run out each time;
+    the user must see one line naming the disk, never a traceback, and nothing half-published.
+    """
+    pvc = tmp_path / "pvc"
+    make_hub_model(pvc / "hub", REPO, weight_bytes=64 * 1024, shards=2)
+    mnt = tmp_path / "inodes"
+    mnt.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size=32m,nr_inodes={inodes}", "tmpfs", str(mnt)],
+                       capture_output=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.decode().strip()}")
+    try:
+        proc = subprocess.run(agent_cmd("fill", REPO, "--source", f"pvc:{pvc}", "--cache-dir", str(mnt / "c")),
+                              capture_output=True, text=True, timeout=60, cwd=str(Path(__file__).parents[1]))
+        assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+        if proc.returncode != 0:
+            assert proc.returncode == 1, proc.stderr[-2000:]
+            lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+            assert len(lines) == 1 and "disk full" in lines[0], proc.stderr[-2000:]
+        if (mnt / "c" / "hub").is_dir():
+            snap = pvc / "hub" / repo_folder_name(REPO) / "snapshots"
+            commit = next(snap.iterdir()).name
+            assert assert_consistent(mnt / "c", _expected_files(pvc / "hub", commit), commit) in ("empty", "complete")
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)

@@ -104,7 +104,8 @@ def disk_full_as_error(what: str) -> Iterator[None]:
         raise
     except OSError as e:
         if e.errno in NO_SPACE:
-            raise DiskFullError(f"disk full while {what}: {e.strerror} ({e.filename or ''})".replace(" ()", "")) from e
+            where = f" ({e.filename})" if e.filename and str(e.filename) not in what else ""
+            raise DiskFullError(f"disk full while {what}: {e.strerror}{where}") from e
         raise
 
 

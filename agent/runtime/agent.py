@@ -139,7 +139,8 @@ def run_agent(settings: RunSettings, *, stop: threading.Event | None = None,
                 workers=settings.workers, policy=policy, observer=metrics, check_interval=settings.check_interval)
     loops.append(loop)
     health = Health(max_pass_age=max(settings.check_interval * 3, 30.0), last_pass=lambda: loop.last_pass)
-    health.watch("fill workers", loop.workers_alive)
+    if settings.kubernetes:
+        health.waiting_for = "the API server (reading this Node)"
     metrics.registry.register(StateCollector(loop.view, store.layout.root, store.space.published,
                                              lambda: loop.last_pass))
     # /healthz answers from the first second (alive while waiting for the API), /readyz once the loop knows.
@@ -159,7 +160,6 @@ def run_agent(settings: RunSettings, *, stop: threading.Event | None = None,
             api = make_api(settings.kube_host)
             parts.append(api)
             node = NodeReporter(api, settings.node_name, settings.label_prefix)
-            health.waiting_for = "the API server (reading this Node)"
             if not read_node_until_reachable(node, stop):
                 return 0
             events = EventRecorder(api, node_name=settings.node_name)
@@ -193,6 +193,7 @@ def run_agent(settings: RunSettings, *, stop: threading.Event | None = None,
         loop_thread = threading.Thread(target=loop.run, args=(stop,), name="loop", daemon=True)
         loop_thread.start()
         health.watch("loop", loop_thread.is_alive)
+        health.watch("fill workers", loop.workers_alive)
         health.ready_when(loop.initial_scan_done.is_set)
         log.info("agent.started", node=settings.node_name, cache_dir=str(settings.cache_dir),
                  sources=[s.label for s in sources], kubernetes=settings.kubernetes, metrics_port=server.port)

@@ -140,6 +140,7 @@ class Workers(Generic[K, T]):
                 self.queue.done(key)
 
     def alive(self) -> bool:
+        """Every worker thread is running (False before ``start`` too: call it once they should be)."""
         return all(t.is_alive() for t in self._threads)
 
     def join(self, timeout: float) -> bool:
