@@ -145,5 +145,6 @@ class Workers(Generic[K, T]):
 
     def join(self, timeout: float) -> bool:
         for t in self._threads:
-            t.join(timeout)
+            if t.ident is not None:  # never started: nothing to wait for
+                t.join(timeout)
         return not any(t.is_alive() for t in self._threads)
