@@ -21,6 +21,7 @@ from huggingface_hub.errors import HfHubHTTPError
 import tests.peers.hub_fixtures as hub_fixtures
 from agent.cache.manifest import Manifest
 from agent.cache.store import Store
+from agent.core.retry import RetryPolicy
 from agent.core.spec import FileFilter
 from agent.errors import AuthError, IntegrityError, NotFoundError, TransientSourceError
 from agent.modelgen import MiB
@@ -39,8 +40,8 @@ CHUNK = 4 * MiB  # hf_transfer chunk in tests: the 11 MiB file is 3 chunks
 
 def make_source(hub: HubServer, *, token: str | None = TOKEN, timeout: float = 5.0, retries: int = 4,
                 hf_transfer: bool = False) -> HubSource:
-    settings = SourceSettings(hf_endpoint=hub.url, hf_token=token, timeout=timeout, retries=retries,
-                              backoff=(0.01, 0.02, 0.05), max_workers=4)
+    settings = SourceSettings(hf_endpoint=hub.url, hf_token=token, timeout=timeout, max_workers=4,
+                              retry=RetryPolicy(attempts=retries, base=0.01, cap=0.05, jitter=0.1))
     if hf_transfer:
         return HubSource(settings, hf_transfer_min_size=CHUNK, hf_transfer_chunk_size=CHUNK)
     return HubSource(settings)
@@ -192,12 +193,13 @@ def test_connection_refused_is_retried_then_transient() -> None:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     slept: list[float] = []
-    src = HubSource(SourceSettings(hf_endpoint=f"http://127.0.0.1:{port}", retries=3, backoff=(0.5, 1.0)),
-                    sleep=slept.append)
+    policy = RetryPolicy(attempts=3, base=0.5, factor=2.0, cap=8.0, jitter=0.25)
+    src = HubSource(SourceSettings(hf_endpoint=f"http://127.0.0.1:{port}", retry=policy),
+                    wait=lambda s: slept.append(s) or False)
     with pytest.raises(TransientSourceError, match="ConnectError") as ei:
         src.resolve("org/tiny", "main", FileFilter())
     assert isinstance(ei.value.__cause__, httpx2.ConnectError)
-    assert len(slept) == 2 and 0.5 <= slept[0] <= 0.625 and 1.0 <= slept[1] <= 1.25  # backoff + jitter
+    assert len(slept) == 2 and 0.375 <= slept[0] <= 0.625 and 0.75 <= slept[1] <= 1.25  # backoff + jitter
     src.close()
 
 
@@ -311,7 +313,7 @@ def test_close_kills_a_stalled_transfer_and_keeps_the_staged_chunks(hub: HubServ
     worker.join(5)
     assert not worker.is_alive() and time.monotonic() - t0 < 5
     assert isinstance(errors[0], TransientSourceError) and "closed" in str(errors[0])
-    assert not src._children  # no hf_transfer child left behind
+    assert src._transfer.running == 0  # no hf_transfer child left behind
     hub.clear()
     again = make_source(hub, hf_transfer=True)
     m = fill(again, store, "org/cdn")
@@ -471,7 +473,7 @@ def test_token_is_never_logged_or_put_in_errors(hub: HubServer, store: Store, ca
         wrong.close()
         flaky.close()
     assert any(r.authorization == f"Bearer {secret}" for r in hub.requests())  # it was really used
-    assert len(events) > 0 and any(e["event"] == "hub.retry" for e in events)
+    assert len(events) > 0 and any(e["event"] == "retry" for e in events)
     text = "\n".join([caplog.text, repr(events), *capfd.readouterr()]
                      + ["".join(traceback.format_exception(e)) for e in errors])
     assert secret not in text

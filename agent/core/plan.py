@@ -6,6 +6,7 @@ Sources produce a ``ModelPlan``; the store executes it. Keeping the plan pure me
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
@@ -84,3 +85,19 @@ class ModelPlan:
             if f.path == path:
                 return f
         raise KeyError(path)
+
+
+def file_folder_conflict(paths: Iterable[str]) -> tuple[str, str] | None:
+    """(file, a path under it) when one listed path is also a folder of another: ``conf`` and ``conf/x.json``.
+
+    No filesystem can hold both, so such a listing can never become a snapshot; sources refuse it
+    when they plan, before a byte is written.
+    """
+    files = set(paths)
+    for p in sorted(files):
+        parts = p.split("/")
+        for i in range(1, len(parts)):
+            prefix = "/".join(parts[:i])
+            if prefix in files:
+                return prefix, p
+    return None

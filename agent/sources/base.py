@@ -7,7 +7,9 @@ the verification and publishing, so a source only moves bytes.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import threading
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -65,10 +67,31 @@ class SourceSettings:
     mx_address: str | None = None  # MX_SERVER_ADDRESS or MODEL_EXPRESS_URL when --source modelexpress has no ADDR
     mx_token_file: str | None = "/var/run/secrets/tokens/modelexpress"  # projected SA token, re-read on rotation
     timeout: float = 30.0  # seconds without progress before a connection counts as dead
-    retries: int = 5  # attempts for transient errors
-    backoff: tuple[float, ...] = (0.5, 1.0, 2.0, 4.0, 8.0)  # seconds between attempts (jitter added)
     max_workers: int = 4  # files fetched at once
+    # transient failures: attempts in all, waits 0.5, 1, 2, 4 s (+-25 %); a server's Retry-After wins (<= 300 s)
     retry: RetryPolicy = field(default_factory=lambda: RetryPolicy(attempts=5, base=0.5, cap=8.0, jitter=0.25))
+
+
+def stop_wait(first: threading.Event, *more: threading.Event, tick: float = 0.1) -> Callable[[float], bool]:
+    """A ``retry_call`` wait that ends early, returning True, once any of ``events`` is set.
+
+    A fill's stop, the source's own stop (SIGTERM) and ``close()`` are separate events and an Event
+    cannot wait on several, so this checks them every ``tick`` seconds: a 300 s Retry-After is cut
+    short within ``tick`` of a stop.
+    """
+
+    events = (first, *more)
+
+    def wait(seconds: float) -> bool:
+        deadline = time.monotonic() + seconds
+        while not any(e.is_set() for e in events):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            first.wait(min(left, tick))
+        return True
+
+    return wait
 
 
 @dataclass(frozen=True)
