@@ -20,6 +20,7 @@ import pytest
 from agent.cache.manifest import Manifest
 from agent.cache.store import Store
 from agent.core.plan import ModelPlan
+from agent.core.retry import RetryPolicy
 from agent.core.spec import FileFilter
 from agent.errors import (
     AuthError,
@@ -53,16 +54,20 @@ class World:
     sleeps: list[float]
     token_file: Path
 
-    def settings(self, **kw: object) -> SourceSettings:
-        base: dict[str, object] = {"timeout": 2.0, "retries": 3, "backoff": (0.01, 0.02),
-                                   "mx_token_file": str(self.token_file)}
+    def settings(self, *, retries: int = 3, **kw: object) -> SourceSettings:
+        base: dict[str, object] = {"timeout": 2.0, "mx_token_file": str(self.token_file),
+                                   "retry": RetryPolicy(attempts=retries, base=0.01, factor=2.0, cap=0.02, jitter=0.2)}
         base.update(kw)
         return SourceSettings(**base)  # type: ignore[arg-type]
 
+    def waited(self, seconds: float) -> bool:
+        """The source's wait between retries: record the delay, never sleep, never stop."""
+        self.sleeps.append(seconds)
+        return False
+
     def source(self, **kw: object) -> ModelExpressSource:
         chunk = int(kw.pop("chunk_size", 256 * 1024))  # type: ignore[call-overload]
-        return ModelExpressSource(self.server.address, self.settings(**kw), chunk_size=chunk,
-                                  sleep=self.sleeps.append)
+        return ModelExpressSource(self.server.address, self.settings(**kw), chunk_size=chunk, wait=self.waited)
 
     def fill(self, src: ModelExpressSource, plan: ModelPlan) -> Manifest:
         with self.store.lock(plan.repo):
@@ -226,8 +231,8 @@ def test_download_error_status_is_a_source_error(world: World) -> None:
     world.server.faults.download_error = "hub returned 503"
     with pytest.raises(SourceError, match="hub returned 503") as ei:
         world.source().resolve(REPO, "main", FileFilter())
-    assert ei.value.reason == "server_error"
-    assert len(world.server.calls("EnsureModelDownloaded")) == 1
+    assert ei.value.reason == "server_error" and not ei.value.permanent
+    assert len(world.server.calls("EnsureModelDownloaded")) == 3  # retried up to the policy's attempts
     world.server.faults.download_error = "repository not found"
     with pytest.raises(NotFoundError):
         world.source().resolve(REPO, "main", FileFilter())
@@ -251,13 +256,13 @@ def test_not_found_and_invalid_argument_are_permanent(world: World) -> None:
 
 def test_unavailable_is_retried_then_succeeds(world: World) -> None:
     world.server.faults.unavailable = {"EnsureModelDownloaded": 2, "ListModelFiles": 1, "StreamModelFiles": 2}
-    src = world.source(retries=3, backoff=(0.01, 0.02))
+    src = world.source(retries=3)
     plan = src.resolve(REPO, "main", FileFilter())
     m = world.fill(src, plan)
     assert world.store.check(m, full=True).ok
     counts = {k: len(world.server.calls(k)) for k in ("EnsureModelDownloaded", "ListModelFiles", "StreamModelFiles")}
     assert counts == {"EnsureModelDownloaded": 3, "ListModelFiles": 2, "StreamModelFiles": 3}
-    assert len(world.sleeps) == 5 and all(0.01 <= s <= 0.025 for s in world.sleeps)
+    assert len(world.sleeps) == 5 and all(0.008 <= s <= 0.024 for s in world.sleeps)
 
 
 def test_unavailable_gives_up_after_the_configured_attempts(world: World) -> None:
@@ -268,8 +273,23 @@ def test_unavailable_gives_up_after_the_configured_attempts(world: World) -> Non
     assert len(world.server.calls("EnsureModelDownloaded")) == 3 and len(world.sleeps) == 2
 
 
+def test_server_side_download_error_is_retried(world: World) -> None:
+    """EnsureModelDownloaded ending in ERROR (not 'not found') is a non-permanent SourceError: retried."""
+    world.server.faults.download_error = "upstream hub timed out"
+    src = world.source(retries=3)
+
+    def recover(delay: float) -> bool:
+        world.sleeps.append(delay)
+        world.server.faults.download_error = None  # the server's next download attempt works
+        return False
+
+    src._wait = recover
+    assert src.resolve(REPO, "main", FileFilter()).commit == world.commit
+    assert len(world.server.calls("EnsureModelDownloaded")) == 2 and len(world.sleeps) == 1
+
+
 def test_server_down_is_transient(world: World) -> None:
-    src = ModelExpressSource(_dead_address(), world.settings(retries=2), sleep=world.sleeps.append)
+    src = ModelExpressSource(_dead_address(), world.settings(retries=2), wait=world.waited)
     t0 = time.monotonic()
     with pytest.raises(TransientSourceError, match="UNAVAILABLE"):
         src.resolve(REPO, "main", FileFilter())
@@ -282,11 +302,12 @@ def test_dropped_stream_resumes_with_only_the_missing_files(world: World) -> Non
     assert plan.total_bytes > 1.5 * MiB and max(f.size for f in plan.files) < 1.5 * MiB
     world.server.faults.drop_after = int(1.5 * MiB)  # at least one file done, at least one not
 
-    def drop_once(delay: float) -> None:
+    def drop_once(delay: float) -> bool:
         world.sleeps.append(delay)
         world.server.faults.drop_after = None
+        return False
 
-    src._sleep = drop_once
+    src._wait = drop_once
     m = world.fill(src, plan)
     assert world.store.check(m, full=True).ok
     streams = world.server.calls("StreamModelFiles")

@@ -17,7 +17,7 @@ from agent.cache.store import Fill
 from agent.core.plan import FileEntry, ModelPlan
 from agent.core.retry import RetryPolicy
 from agent.core.spec import FileFilter
-from agent.errors import ConfigError
+from agent.errors import ConfigError, SourceError
 
 
 class Progress(Protocol):
@@ -70,6 +70,12 @@ class SourceSettings:
     max_workers: int = 4  # files fetched at once
     # transient failures: attempts in all, waits 0.5, 1, 2, 4 s (+-25 %); a server's Retry-After wins (<= 300 s)
     retry: RetryPolicy = field(default_factory=lambda: RetryPolicy(attempts=5, base=0.5, cap=8.0, jitter=0.25))
+
+
+def retryable(err: BaseException) -> bool:
+    """What a source retries: its own non-permanent errors only. A full disk (``DiskFullError``) goes up
+    to the loop, which can evict; a stop (``Cancelled``) ends the fill."""
+    return isinstance(err, SourceError) and not err.permanent
 
 
 def stop_wait(first: threading.Event, *more: threading.Event, tick: float = 0.1) -> Callable[[float], bool]:

@@ -21,7 +21,6 @@ This is the only module that imports ``grpc``.
 from __future__ import annotations
 
 import os
-import random
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -32,10 +31,12 @@ import structlog
 
 from agent.cache.hashing import Digests, DigestWriter
 from agent.cache.store import Fill
-from agent.core.plan import FileEntry, ModelPlan, guess_algo
+from agent.core.plan import FileEntry, ModelPlan, file_folder_conflict, guess_algo
+from agent.core.retry import retry_call
 from agent.core.spec import FileFilter, is_commit
 from agent.errors import (
     AuthError,
+    Cancelled,
     ConfigError,
     IntegrityError,
     NotFoundError,
@@ -44,8 +45,9 @@ from agent.errors import (
     TransientSourceError,
     UnsafePathError,
 )
+from agent.log import redact_text
 from agent.sources._proto import health_pb2, health_pb2_grpc, model_pb2, model_pb2_grpc
-from agent.sources.base import Progress, SourceRef, SourceSettings
+from agent.sources.base import Progress, SourceRef, SourceSettings, retryable, stop_wait
 from agent.sources.mx_stream import StreamValidator, check_commit, check_listing
 
 DEFAULT_PORT = 8001
@@ -183,10 +185,12 @@ class ModelExpressSource:
         keepalive_time: float = 30.0,
         keepalive_timeout: float = 10.0,
         root_certificates: bytes | None = None,
-        sleep: Callable[[float], None] = time.sleep,
+        stop: threading.Event | None = None,
+        wait: Callable[[float], bool] | None = None,
     ) -> None:
         """``download_timeout`` bounds EnsureModelDownloaded (a cold server download is slow but must end);
-        ``root_certificates`` (PEM) replaces the system CAs for https addresses; ``sleep`` is the test seam."""
+        ``root_certificates`` (PEM) replaces the system CAs for https addresses; ``stop`` (the agent's)
+        ends waits between retries; ``wait`` replaces that stop-aware wait (tests record delays)."""
         self.address, self.tls = parse_address(address)
         if not 0 < chunk_size < 1 << 32:
             raise ConfigError(f"modelexpress chunk size {chunk_size} must be between 1 and 2^32-1 bytes")
@@ -194,8 +198,8 @@ class ModelExpressSource:
         self.chunk_size = chunk_size
         self.download_timeout = download_timeout
         self.token = TokenFile(settings.mx_token_file)
-        self._sleep = sleep
-        self._rng = random.Random()
+        self._stop = stop or threading.Event()
+        self._wait = wait
         options = [
             ("grpc.keepalive_time_ms", int(keepalive_time * 1000)),
             ("grpc.keepalive_timeout_ms", int(keepalive_timeout * 1000)),
@@ -237,7 +241,8 @@ class ModelExpressSource:
         remaining = {e.path: e for e in entries}
         if not remaining:
             return
-        self._retrying("StreamModelFiles", plan.repo, lambda: self._stream(plan, remaining, fill, progress))
+        self._retrying("StreamModelFiles", plan.repo, lambda: self._stream(plan, remaining, fill, progress),
+                       fill=fill)
 
     def health(self, timeout: float = 2.0) -> bool:
         """grpc.health.v1 Check: True when the server says SERVING (a cheap probe for status pages)."""
@@ -286,9 +291,14 @@ class ModelExpressSource:
         except grpc.RpcError as e:
             raise self._map(e, f"ListModelFiles {repo}@{commit[:12]}") from e
         try:
-            return check_listing(((f.relative_path, f.size) for f in resp.files), resp.total_size)
+            listing = check_listing(((f.relative_path, f.size) for f in resp.files), resp.total_size)
         except (ProtocolError, UnsafePathError) as e:
             raise ProtocolError(f"{self.label}: {repo}@{commit[:12]}: {e}") from e
+        clash = file_folder_conflict(listing)
+        if clash is not None:
+            raise ProtocolError(f"{self.label}: {repo}@{commit[:12]}: the listing has {clash[0]!r} both as a file "
+                                f"and as a folder (of {clash[1]!r}); no snapshot can hold both, refusing it")
+        return listing
 
     def _stream(self, plan: ModelPlan, remaining: dict[str, FileEntry], fill: Fill, progress: Progress) -> None:
         """One StreamModelFiles for ``remaining``; files it completes are removed from ``remaining``."""
@@ -305,6 +315,7 @@ class ModelExpressSource:
         keep_finished = False
         try:
             for chunk in guard:
+                fill.check_stop()
                 data = chunk.data  # read once: each access of a bytes field copies it out of the message
                 step = validator.accept(
                     chunk.relative_path, chunk.offset, chunk.total_size, len(data),
@@ -355,7 +366,7 @@ class ModelExpressSource:
     def _map(self, e: grpc.RpcError, what: str) -> SourceError:
         code = e.code() if isinstance(e, grpc.Call) else grpc.StatusCode.UNKNOWN
         detail = (e.details() if isinstance(e, grpc.Call) else None) or str(e)
-        msg = f"{self.label}: {what}: {code.name}: {detail}"
+        msg = redact_text(f"{self.label}: {what}: {code.name}: {detail}")
         if code == grpc.StatusCode.NOT_FOUND:
             return NotFoundError(msg)
         if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
@@ -364,25 +375,24 @@ class ModelExpressSource:
             return TransientSourceError(msg)
         return SourceError(msg, permanent=True, reason=code.name.lower())
 
-    def _retrying(self, what: str, repo: str, fn: Callable[[], T]) -> T:
-        attempts = max(1, self.settings.retries)
-        backoff = self.settings.backoff or (1.0,)
-        for attempt in range(1, attempts + 1):
-            try:
-                return fn()
-            except TransientSourceError as e:
-                if attempt >= attempts:
-                    raise
-                delay = backoff[min(attempt - 1, len(backoff) - 1)] * (1 + 0.25 * self._rng.random())
-                if e.retry_after is not None:
-                    delay = max(delay, e.retry_after)
-                log.warning("modelexpress call failed, retrying", source=self.label, call=what, repo=repo,
-                            attempt=f"{attempt}/{attempts}", delay=round(delay, 3), error=str(e))
-                self._sleep(delay)
-        raise AssertionError("unreachable")
+    def _retrying(self, what: str, repo: str, fn: Callable[[], T], *, fill: Fill | None = None) -> T:
+        """``fn`` under ``settings.retry``: every non-permanent SourceError is retried (a server-side
+        download error too); a stop of the fill or the agent ends the wait at once."""
+        events = [e for e in (fill.stop if fill else None, self._stop) if e is not None]
+        try:
+            return retry_call(fn, policy=self.settings.retry, what=f"{self.label} {what} {repo}",
+                              retryable=retryable,
+                              wait=self._wait or stop_wait(*events))
+        except SourceError as e:
+            if fill is not None:
+                fill.check_stop()
+            if self._stop.is_set():
+                raise Cancelled(f"{self.label}: {what} {repo}: stopped while waiting to retry ({e})") from e
+            raise
 
 
-def open_source(ref: SourceRef, settings: SourceSettings) -> ModelExpressSource:
+def open_source(ref: SourceRef, settings: SourceSettings, *, stop: threading.Event | None = None
+                ) -> ModelExpressSource:
     """``--source modelexpress[:ADDR]``; without ADDR the address comes from MX_SERVER_ADDRESS/MODEL_EXPRESS_URL."""
     address = ref.arg or settings.mx_address
     if not address:
@@ -390,4 +400,4 @@ def open_source(ref: SourceRef, settings: SourceSettings) -> ModelExpressSource:
             "--source modelexpress needs an address: modelexpress:HOST:PORT, or set MX_SERVER_ADDRESS "
             "(or MODEL_EXPRESS_URL)"
         )
-    return ModelExpressSource(address, settings)
+    return ModelExpressSource(address, settings, stop=stop)

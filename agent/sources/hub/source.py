@@ -19,11 +19,11 @@ import structlog
 from agent.cache.store import Fill
 from agent.core.plan import FileEntry, ModelPlan
 from agent.core.redact import strip_userinfo
-from agent.core.retry import is_transient, retry_call
+from agent.core.retry import retry_call
 from agent.core.spec import FileFilter
 from agent.errors import Cancelled, IntegrityError, SourceError, TransientSourceError
 from agent.log import register_secret
-from agent.sources.base import Progress, SourceRef, SourceSettings, stop_wait
+from agent.sources.base import Progress, SourceRef, SourceSettings, retryable, stop_wait
 from agent.sources.hub._hf import HfApi, bound_hub_session
 from agent.sources.hub.classify import Abandoned, classify
 from agent.sources.hub.client import HubClient, what_of
@@ -35,10 +35,6 @@ log = structlog.get_logger("agent.sources.hub")
 T = TypeVar("T")
 DEFAULT_ENDPOINT = "https://huggingface.co"
 MiB = 1024 * 1024
-
-
-def _retryable(err: BaseException) -> bool:
-    return is_transient(err) and not isinstance(err, Cancelled)
 
 
 class HubSource:
@@ -96,7 +92,7 @@ class HubSource:
         """``op`` under ``settings.retry``; a stop (the fill's, the agent's, ``close``) ends any wait at once."""
         events = [e for e in (fill.stop if fill else None, abandon, self._stop, self._closing) if e is not None]
         try:
-            return retry_call(op, policy=self.settings.retry, what=what, retryable=_retryable, progressed=progressed,
+            return retry_call(op, policy=self.settings.retry, what=what, retryable=retryable, progressed=progressed,
                               classify=lambda e: classify(e, f"{what} at {self.label}", has_token=bool(self._token)),
                               wait=self._wait or stop_wait(*events))
         except SourceError as e:
