@@ -40,7 +40,11 @@ def build_parser() -> argparse.ArgumentParser:
     f = sub.add_parser("fill", help="fill the cache with one model and exit")
     f.add_argument("repo", help="org/name")
     f.add_argument("--revision", default="main", help="branch, tag or 40-hex commit (default main)")
-    f.add_argument("--source", action="append", help="pvc:PATH | hub | modelexpress[:ADDR]; repeat for fallbacks")
+    f.add_argument("--source", action="append",
+                   help="pvc:PATH | hub | modelexpress[:ADDR]; repeat for fallbacks (default: hub, i.e. HF_ENDPOINT "
+                        "or huggingface.co)")
+    f.add_argument("--pvc-subpath", help="the model's folder under pvc:PATH, e.g. team/qwen3 (a `hf download "
+                                         "--local-dir` folder or plain files; default: PATH/<org>/<name>)")
     f.add_argument("--allow", action="append", default=[], help="glob of files to include (repeatable)")
     f.add_argument("--ignore", action="append", default=[], help="glob of files to skip (repeatable)")
     f.add_argument("--token-file", help="file holding the Hub token (else HF_TOKEN or a mounted Secret)")
@@ -124,17 +128,20 @@ def _store(args: argparse.Namespace):  # type: ignore[no-untyped-def]
 
 def cmd_fill(args: argparse.Namespace) -> int:
     from agent.config import parse_sources, source_settings
-    from agent.core.spec import FileFilter, validate_repo_id, validate_revision
+    from agent.core.spec import FileFilter, validate_repo_id, validate_revision, validate_subpath
     from agent.progress import for_terminal
     from agent.runtime.fill import FillFailed, fill_model
-    from agent.sources.factory import open_sources
+    from agent.sources.factory import for_model, open_sources
 
     validate_repo_id(args.repo, "repo")
     validate_revision(args.revision, "--revision")
+    if args.pvc_subpath is not None:
+        validate_subpath(args.pvc_subpath, "--pvc-subpath")
     if not args.source:
-        raise ConfigError("--source: at least one source is needed (pvc:PATH, hub, modelexpress[:ADDR])")
-    refs = parse_sources(args.source)
-    sources = open_sources(list(refs), source_settings(os.environ, token_file=args.token_file))
+        print("fill: no --source given, using the default: hub (HF_ENDPOINT or huggingface.co)", file=sys.stderr)
+    refs = parse_sources(args.source or ["hub"])
+    sources = for_model(open_sources(list(refs), source_settings(os.environ, token_file=args.token_file)),
+                        pvc_subpath=args.pvc_subpath)
     store = _store(args)
     try:
         res = fill_model(store, sources, args.repo, args.revision, FileFilter(tuple(args.allow), tuple(args.ignore)),

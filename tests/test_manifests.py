@@ -297,6 +297,8 @@ GOOD_CASES: dict[str, Obj] = {
     "63-char name": {"metadata__name": "m" * 63},
     "no sources": {"spec__sources": None},
     "expression selector": {"spec__nodeSelector": {"matchExpressions": [{"key": "gpu", "operator": "Exists"}]}},
+    "pvc subpath": {"spec__pvcSubpath": "models/Qwen3-0.6B.v2"},
+    "pvc subpath with dotted parts": {"spec__pvcSubpath": ".hidden/..x/org_a/name-b"},
 }
 
 BAD_CASES: dict[str, Obj] = {
@@ -315,6 +317,10 @@ BAD_CASES: dict[str, Obj] = {
     "uppercase name": {"metadata__name": "Qwen3"},
     "unknown source": {"spec__sources": ["s3"]},
     "priority not int": {"spec__priority": "high"},
+    "pvc subpath climbing": {"spec__pvcSubpath": "org/../../etc"},
+    "pvc subpath absolute": {"spec__pvcSubpath": "/mnt/org/name"},
+    "pvc subpath trailing /": {"spec__pvcSubpath": "org/name/"},
+    "pvc subpath dot": {"spec__pvcSubpath": "./org"},
 }
 
 

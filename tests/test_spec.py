@@ -85,3 +85,11 @@ def test_filter_trailing_slash_means_folder() -> None:
     f = FileFilter(allow=("original/",))
     assert f.matches("original/params.json") and not f.matches("config.json")
     assert not FileFilter(ignore=("*.md",)).matches("README.md")
+
+
+@pytest.mark.parametrize("bad", ["org/name\n", "org/../x", "/abs", "org//name", "", "org/na me", "a" * 1025])
+def test_pvc_subpath_is_a_plain_relative_folder(bad: str) -> None:
+    with pytest.raises(SpecError, match=r"spec\.pvcSubpath"):
+        parse_model_spec({"metadata": {"name": "m"}, "spec": {"repo": "org/name", "pvcSubpath": bad}})
+    ok = parse_model_spec({"metadata": {"name": "m"}, "spec": {"repo": "org/name", "pvcSubpath": "team/org/name"}})
+    assert ok.pvc_subpath == "team/org/name"

@@ -182,30 +182,38 @@ class DigestWriter:
             self._fd = -1
 
 
-def copy_into(src: Path, writer: DigestWriter, on_bytes: Callable[[int], None] | None = None) -> None:
-    """Copy a file into a DigestWriter with one read pass and double-buffered reads.
+ReadFn = Callable[[int, list[mmap.mmap]], int]
+
+
+def copy_into(
+    fd: int, writer: DigestWriter, on_bytes: Callable[[int], None] | None = None, *,
+    between_chunks: Callable[[], None] | None = None, read_fn: ReadFn = os.readv,
+) -> int:
+    """Copy an open file into a DigestWriter with one read pass and double-buffered reads; returns bytes copied.
 
     The buffers are anonymous mmaps (page-aligned) so the writer can use O_DIRECT; the bytes hashed
-    are the very bytes written, read once into our private buffer (the source may change under us).
+    are the very bytes written, read once into our private buffer (the source may change under us:
+    the caller compares fstat before and after). ``between_chunks`` runs before every read (a fill's
+    ``check_stop``); ``read_fn`` is the seam tests use to inject EIO or ESTALE. The caller owns ``fd``.
     """
     bufs = (mmap.mmap(-1, CHUNK), mmap.mmap(-1, CHUNK))
     i = 0
+    total = 0
     writer.use_direct_io()
-    fd = os.open(src, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        if hasattr(os, "posix_fadvise"):
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
-        while True:
-            buf = bufs[i]
-            n = os.readv(fd, [buf])
-            if n == 0:
-                break
-            writer.write(memoryview(buf)[:n])
-            if on_bytes is not None:
-                on_bytes(n)
-            i ^= 1
-    finally:
-        os.close(fd)
+    if hasattr(os, "posix_fadvise"):
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+    while True:
+        if between_chunks is not None:
+            between_chunks()
+        buf = bufs[i]
+        n = read_fn(fd, [buf])
+        if n == 0:
+            return total
+        writer.write(memoryview(buf)[:n])
+        total += n
+        if on_bytes is not None:
+            on_bytes(n)
+        i ^= 1
 
 
 def hash_file(

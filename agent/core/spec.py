@@ -22,6 +22,8 @@ REPO_PART_RE = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9._-]{0,94}[A-Za-z0-9])?$")
 LABEL_NAME_RE = re.compile(r"^[a-z0-9](?:[-a-z0-9]{0,61}[a-z0-9])?$")
 LABEL_PREFIX_RE = re.compile(r"^[a-z0-9](?:[-a-z0-9.]{0,251}[a-z0-9])?$")
 SOURCE_TYPES = ("modelexpress", "pvc", "hub", "peers")
+# a pvcSubpath part: letters, digits, '_', '-', '.', never '.' or '..' (same pattern as manifests/crd.yaml)
+SUBPATH_PART_RE = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]*|\.[A-Za-z0-9_-][A-Za-z0-9_.-]*|\.\.[A-Za-z0-9_.-]+")
 BAD_REF_CHARS = set(" ~^:?*[\\\x7f")
 
 
@@ -59,6 +61,14 @@ def validate_revision(revision: str, field_name: str = "revision") -> str:
     if any(part.startswith(".") or part.endswith(".lock") for part in revision.split("/")):
         raise SpecError(field_name, f"{revision!r} is not a valid branch, tag or 40-hex commit")
     return revision
+
+
+def validate_subpath(value: str, field_name: str = "pvcSubpath") -> str:
+    """The model's folder under a PVC root, 'org/name' style: relative, no '.' or '..', at most 1024 chars."""
+    if not value or len(value) > 1024 or not all(SUBPATH_PART_RE.fullmatch(p) for p in value.split("/")):
+        raise SpecError(field_name, f"{value!r} must be a relative folder path like 'org/name' "
+                        "(letters, digits, '_', '-', '.'; no '..', no leading or trailing '/')")
+    return value
 
 
 def validate_model_name(name: str, field_name: str = "metadata.name") -> str:
@@ -132,6 +142,7 @@ class ModelSpec:
     sources: tuple[str, ...] = ()
     priority: int = 100
     node_selector: Mapping[str, Any] = field(default_factory=dict)
+    pvc_subpath: str | None = None  # the model's folder under a pvc source's root (else <root>/org/name)
 
     @property
     def key(self) -> str:
@@ -184,4 +195,9 @@ def parse_model_spec(obj: Mapping[str, Any], *, where: str = "") -> ModelSpec:
     selector = spec.get("nodeSelector") or {}
     if not isinstance(selector, Mapping):
         raise SpecError(f"{p}nodeSelector", "must be a label selector mapping")
-    return ModelSpec(name, repo, revision, flt, tuple(sources), priority, dict(selector))
+    subpath = spec.get("pvcSubpath")
+    if subpath is not None and not isinstance(subpath, str):
+        raise SpecError(f"{p}pvcSubpath", "must be a string")
+    if subpath is not None:
+        validate_subpath(subpath, f"{p}pvcSubpath")
+    return ModelSpec(name, repo, revision, flt, tuple(sources), priority, dict(selector), subpath)

@@ -130,7 +130,7 @@ def run_agent(settings: RunSettings, *, stop: threading.Event | None = None,
     store = Store(settings.cache_dir, reserve_bytes=0, budget_bytes=settings.disk_budget_bytes)
     validate_cache_dir(store)
     store.sweep_all()
-    sources = open_sources(list(settings.sources), settings.source_settings)
+    sources = open_sources(list(settings.sources), settings.source_settings, stop=stop)
     metrics = Metrics()
     policy = Policy(backoff=settings.fill_backoff, space=SpacePolicy(
         grace=settings.drain_grace, min_age=settings.evict_min_age, keep_undesired=settings.keep_undesired,

@@ -33,6 +33,7 @@ from agent.runtime.fill import FillFailed, fill_model
 from agent.runtime.scan import Scanner
 from agent.runtime.workqueue import Workers, WorkQueue
 from agent.sources.base import Source
+from agent.sources.factory import for_model
 
 log = structlog.get_logger("agent.loop")
 PROGRESS_REFRESH = 1.0  # seconds between passes while fills run, so progress in metrics/annotation moves
@@ -325,9 +326,8 @@ class Loop:
     # -- fills (worker threads) --------------------------------------------------------------------
 
     def _sources_for(self, spec: ModelSpec) -> list[Source]:
-        if not spec.sources:
-            return self.sources
-        return [s for kind in spec.sources for s in self.sources if s.kind == kind]
+        chosen = [s for kind in spec.sources for s in self.sources if s.kind == kind] if spec.sources else self.sources
+        return for_model(chosen, pvc_subpath=spec.pvc_subpath)
 
     def _resolve_pin(self, name: str, spec: ModelSpec, sources: list[Source]) -> str | None:
         """Branch/tag without a cluster pin: resolve once, then let the reporter pin it (first writer wins)."""

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib
+import threading
+from collections.abc import Sequence
 
 from agent.errors import ConfigError
 from agent.sources.base import Source, SourceRef, SourceSettings
@@ -10,13 +12,22 @@ from agent.sources.base import Source, SourceRef, SourceSettings
 _MODULES = {"pvc": "agent.sources.pvc", "hub": "agent.sources.hub", "modelexpress": "agent.sources.modelexpress"}
 
 
-def open_source(ref: SourceRef, settings: SourceSettings) -> Source:
+def open_source(ref: SourceRef, settings: SourceSettings, *, stop: threading.Event | None = None) -> Source:
+    """``stop`` is the agent's stop event: a source waiting to retry outside a fill (resolve) ends with it."""
     module_name = _MODULES.get(ref.kind)
     if module_name is None:
         raise ConfigError(f"--source {ref}: source type {ref.kind!r} is not available in this build")
     module = importlib.import_module(module_name)
-    return module.open_source(ref, settings)  # type: ignore[no-any-return]
+    return module.open_source(ref, settings, stop=stop)  # type: ignore[no-any-return]
 
 
-def open_sources(refs: list[SourceRef], settings: SourceSettings) -> list[Source]:
-    return [open_source(r, settings) for r in refs]
+def open_sources(refs: list[SourceRef], settings: SourceSettings, *,
+                 stop: threading.Event | None = None) -> list[Source]:
+    return [open_source(r, settings, stop=stop) for r in refs]
+
+
+def for_model(sources: Sequence[Source], *, pvc_subpath: str | None = None) -> list[Source]:
+    """The agent's sources as one model uses them: a PVC source looks in the model's ``pvcSubpath``."""
+    if not pvc_subpath:
+        return list(sources)
+    return [s.with_subpath(pvc_subpath) if s.kind == "pvc" else s for s in sources]  # type: ignore[attr-defined]
