@@ -37,6 +37,7 @@ from urllib.parse import quote, unquote, urlencode
 
 from aiohttp import web
 
+from agent.core.plan import guess_algo
 from agent.modelgen import fake_commit, file_digests
 
 FaultKind = Literal["status", "cut", "stall", "corrupt", "norange"]
@@ -97,6 +98,7 @@ class Fault:
     after: int = 0
     seconds: float = 30.0
     range_start: int | None = None
+    echo_auth: bool = False  # the error message repeats the request's Authorization header, as some proxies do
     fired: int = 0
 
 
@@ -116,6 +118,13 @@ class RequestRecord:
     @property
     def authorization(self) -> str | None:
         return self.headers.get("authorization")
+
+
+def _digest_of(rel: str, disk: Path) -> tuple[str, str, int]:
+    data = disk.read_bytes()
+    if guess_algo(rel, len(data)) == "sha256":
+        return "sha256", hashlib.sha256(data).hexdigest(), len(data)
+    return "git-sha1", git_blob_sha1(data), len(data)
 
 
 def parse_range(value: str | None, size: int) -> tuple[int, int] | Literal["bad"] | None:
@@ -220,16 +229,23 @@ class HubServer:
 
     def add_repo(
         self, repo_id: str, src: Path, *, refs: Iterable[str] = ("main",), tags: Iterable[str] = (),
-        gated: bool = False, cdn: bool = False, commit: str | None = None,
+        gated: bool = False, cdn: bool = False, commit: str | None = None, extra: dict[str, Path] | None = None,
     ) -> str:
-        """Serve the files under ``src`` as a new commit of ``repo_id``; branches and tags point at it."""
+        """Serve the files under ``src`` as a new commit of ``repo_id``; branches and tags point at it.
+
+        ``extra`` adds repo paths served from other files, for listings no folder can hold (``conf`` and
+        ``conf/inner.json``: a path that is both a file and a folder).
+        """
         files: dict[str, ServedFile] = {}
-        for rel, (algo, digest, size) in file_digests(src).items():
+        digests = file_digests(src)
+        for rel, disk in (extra or {}).items():
+            digests[rel] = _digest_of(rel, disk)
+        for rel, (algo, digest, size) in digests.items():
             if algo == "sha256":
                 oid = git_blob_sha1(lfs_pointer(digest, size))
-                files[rel] = ServedFile(rel, src / rel, size, oid, digest)
+                files[rel] = ServedFile(rel, (extra or {}).get(rel, src / rel), size, oid, digest)
             else:
-                files[rel] = ServedFile(rel, src / rel, size, digest, None)
+                files[rel] = ServedFile(rel, (extra or {}).get(rel, src / rel), size, digest, None)
         commit = commit or fake_commit(((p, f.etag) for p, f in files.items()), salt=repo_id)
         with self._mu:
             repo = self.repos.setdefault(repo_id, Repo(repo_id))
@@ -309,7 +325,8 @@ class HubServer:
         rec = self._record("hub", request)
         fault = self._take_fault(rec, ("status",))
         if fault is not None:
-            return self._error(rec, fault.status, None, f"injected {fault.status}", fault.headers)
+            echo = f"; you sent Authorization: {request.headers.get('Authorization')}" if fault.echo_auth else ""
+            return self._error(rec, fault.status, None, f"injected {fault.status}{echo}", fault.headers)
         stall = self._take_fault(rec, ("stall",), 1) if rec.path.startswith("/api/") else None
         if stall is not None:
             await asyncio.sleep(stall.seconds)  # an API that accepts the request and never answers (in time)

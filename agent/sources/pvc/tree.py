@@ -111,7 +111,13 @@ class PvcTree:
             parent = self.dir_fd(parts[:-1])
             try:
                 fd = os.open(parts[-1], _DIR_FLAGS, dir_fd=parent)
-            except NotADirectoryError as e:
+            except NotADirectoryError as e:  # O_NOFOLLOW|O_DIRECTORY on a symlink says ENOTDIR, not ELOOP
+                try:
+                    link = stat.S_ISLNK(os.stat(parts[-1], dir_fd=parent, follow_symlinks=False).st_mode)
+                except OSError:
+                    link = False
+                if link:
+                    raise UnsafePathError(f"pvc: {self.show(parts)} is a symlink, not a folder; not followed") from e
                 raise SourceError(f"pvc: {self.show(parts)} is not a folder") from e
             except OSError as e:
                 raise self.error(e, parts, "open folder") from e
