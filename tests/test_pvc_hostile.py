@@ -11,7 +11,9 @@ from __future__ import annotations
 import errno
 import os
 import re
+import select
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -223,10 +225,20 @@ def _run_as_nobody(argv: list[str]) -> tuple[int, str]:
         finally:
             os._exit(code)
     os.close(err_w)
-    with os.fdopen(err_r) as f:
-        stderr = f.read()
+    chunks: list[bytes] = []
+    deadline = time.monotonic() + 30  # well inside pytest-timeout, so the kill below runs
+    while time.monotonic() < deadline:  # a hung child (the failure we test for) must not hang pytest
+        ready, _, _ = select.select([err_r], [], [], max(0.0, deadline - time.monotonic()))
+        if not ready or not (data := os.read(err_r, 65536)):
+            break
+        chunks.append(data)
+    os.close(err_r)
+    if os.waitpid(pid, os.WNOHANG) == (0, 0):
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        return -1, b"".join(chunks).decode(errors="replace") + "\n(killed: still running after 30 s)"
     _, status = os.waitpid(pid, 0)
-    return os.waitstatus_to_exitcode(status), stderr
+    return os.waitstatus_to_exitcode(status), b"".join(chunks).decode(errors="replace")
 
 
 # -- issue 9, bug 7: I/O errors fall back to the next source ---------------------------------------

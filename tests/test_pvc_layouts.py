@@ -151,6 +151,11 @@ def test_plain_folder_is_computed_and_named_by_its_listing(plain_pvc: Path, tmp_
     assert third["commit"] != out["commit"]
     assert Store(cache).read_ref("acme/plain", "main") == third["commit"]
     assert snapshot_files(cache, "acme/plain", third["commit"])["config.json"] == cfg.read_bytes()
+    # a node given the old id as its pin (cluster mode) must not fill the new bytes under the old name
+    src = PvcSource(plain_pvc)
+    assert src.resolve("acme/plain", third["commit"], FileFilter()).commit == third["commit"]
+    with pytest.raises(NotFoundError, match=f"changed since it was pinned as {out['commit']}"):
+        src.resolve("acme/plain", out["commit"], FileFilter())
 
 
 def test_plain_folder_with_a_given_commit_and_a_subpath(plain_pvc: Path, store: Store) -> None:

@@ -215,18 +215,26 @@ def _read_trees(tree: PvcTree, model: Parts, commit: str) -> dict[str, dict[str,
 # -- plain folder ----------------------------------------------------------------------------------
 
 
+LISTING_ID_PREFIX = "00000000"  # marks a listing id: a real git commit starts so with odds of 1 in 4 billion
+
+
 def listing_id(items: list[tuple[str, str, int, int]]) -> str:
-    """A 40-hex name for a plain folder's current state: sha1 over (path, kind, size, mtime_ns) of every file.
+    """A 40-hex name for a plain folder's current state, from (path, type, size, mtime_ns) of every file.
 
     Paths, sizes and mtimes, not content: naming the snapshot must not cost a read of the whole model
     at every resolve, and mtime is what changes when a file is rewritten in place with the same size
     (a re-trained checkpoint). Inode and ctime are left out so a copy made with ``cp -a`` or
-    ``rsync -a`` on another PVC gets the same name. The prefix keeps these ids apart from git's.
+    ``rsync -a`` on another PVC gets the same name. ``LISTING_ID_PREFIX`` and 128 bits of sha1 follow,
+    so a pinned id can be told from a commit and checked against the folder again (``plan_plain``).
     """
     h = hashlib.sha1(b"model-cache-agent plain-folder v1\n")
     for path, kind, size, mtime_ns in sorted(items):
         h.update(f"{path}\0{kind}\0{size}\0{mtime_ns}\n".encode())
-    return h.hexdigest()
+    return LISTING_ID_PREFIX + h.hexdigest()[: 40 - len(LISTING_ID_PREFIX)]
+
+
+def is_listing_id(revision: str) -> bool:
+    return is_commit(revision) and revision.startswith(LISTING_ID_PREFIX)
 
 
 def _id_item(tree: PvcTree, e: Entry) -> tuple[str, str, int, int]:
@@ -242,11 +250,16 @@ def _id_item(tree: PvcTree, e: Entry) -> tuple[str, str, int, int]:
 
 
 def plan_plain(tree: PvcTree, model: Parts, repo: str, revision: str, files: FileFilter) -> Found:
+    """Named by a commit given by the user, else by the folder's listing id; a pinned listing id (another
+    node resolved it, or an earlier fill) must still be the folder's state, or the pinned snapshot no
+    longer exists there: filling the folder's new bytes under the old name would give nodes different
+    bytes under one name."""
     listing = list(tree.walk(model, skip=NOT_MODEL_FILES))
-    if is_commit(revision):
-        found = Found("plain", revision, None)
-    else:
-        found = Found("plain", listing_id([_id_item(tree, e) for e in listing]), revision)
+    current = listing_id([_id_item(tree, e) for e in listing])
+    if is_listing_id(revision) and revision != current:
+        raise NotFoundError(f"pvc: {tree.show(model)} changed since it was pinned as {revision} (its files now "
+                            f"name {current}); clear the pin (or re-run fill) to fill the new state")
+    found = Found("plain", revision, None) if is_commit(revision) else Found("plain", current, revision)
     for e in listing:
         if _selected(e, files):
             where, _ = locate(tree, e)
