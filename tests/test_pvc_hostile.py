@@ -233,11 +233,14 @@ def _run_as_nobody(argv: list[str]) -> tuple[int, str]:
             break
         chunks.append(data)
     os.close(err_r)
-    if os.waitpid(pid, os.WNOHANG) == (0, 0):
+    done, status = os.waitpid(pid, os.WNOHANG)
+    while done == 0 and time.monotonic() < deadline:  # EOF comes a moment before the child can be reaped
+        time.sleep(0.01)
+        done, status = os.waitpid(pid, os.WNOHANG)
+    if done == 0:
         os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)
         return -1, b"".join(chunks).decode(errors="replace") + "\n(killed: still running after 30 s)"
-    _, status = os.waitpid(pid, 0)
     return os.waitstatus_to_exitcode(status), b"".join(chunks).decode(errors="replace")
 
 
