@@ -68,7 +68,6 @@ def test_verify_names_every_mismatch(pvc_model: PvcModel, tmp_path: Path) -> Non
         (["fill", "org/m", "--revision", "a..b", "--source", "pvc:/x"], "--revision: 'a..b'"),
         (["fill", "org/m", "--source", "ftp:/x"], "unknown source type 'ftp'"),
         (["fill", "org/m", "--source", "pvc:"], "pvc needs a path"),
-        (["fill", "org/m"], "--source: at least one source"),
         (["verify", "--cache-dir", "/nonexistent/cache"], "--cache-dir: /nonexistent/cache does not exist"),
         (["run", "--no-kubernetes", "--source", "hub"], "--models-file: required"),
         (["run", "--source", "hub"], "NODE_NAME: required"),
