@@ -148,3 +148,22 @@ def _catch(out: list[BaseException], fn) -> None:  # type: ignore[no-untyped-def
         out.append(AssertionError("returned normally"))
     except BaseException as e:
         out.append(e)
+
+
+def test_full_disk_is_not_retried_by_the_source(hub: HubServer, tmp_path: Path) -> None:
+    """DiskFullError is not permanent (the loop evicts and tries again) but a source must not retry it."""
+    import errno
+
+    from agent.errors import DiskFullError
+
+    def no_space(fd: int, data: memoryview) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    store = Store(tmp_path / "c", write_fn=no_space)
+    (src,) = open_sources([SourceRef("hub")], settings_for(hub))
+    plan = src.resolve("org/tiny", "main", FileFilter(allow=("config.json",)))
+    with store.lock(plan.repo), pytest.raises(DiskFullError):
+        fill = store.begin(plan)
+        src.fetch(plan, fill.needed(), fill, NullProgress())
+    assert len(hub.requests(method="GET", path="*/config.json")) == 1
+    src.close()
