@@ -6,7 +6,6 @@ import filecmp
 import os
 import re
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
@@ -20,6 +19,7 @@ from agent.errors import IntegrityError, NotFoundError, SourceError, UnsafePathE
 from agent.modelgen import MiB, make_hub_model
 from agent.runtime.fill import FillFailed, fill_model
 from agent.sources.pvc import PvcSource
+from tests.as_nobody import open_to_nobody, run_cli_as_nobody
 from tests.conftest import PvcModel
 
 
@@ -183,42 +183,13 @@ def test_pvc_not_mounted(tmp_path: Path, store: Store) -> None:
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to drop to another uid")
 def test_unreadable_file_named_and_nothing_published(pvc_model: PvcModel, tmp_path: Path) -> None:
-    """Fork and drop to 'nobody' so file permissions apply (root bypasses them), then run the CLI."""
-    cache = tmp_path / "cache-nobody"
-    cache.mkdir()
-    os.chown(cache, 65534, 65534)
-    for parent in [tmp_path, *tmp_path.parents]:
-        if parent == Path(parent.anchor):
-            break
-        os.chmod(parent, parent.stat().st_mode | 0o011)  # traversable by others
-    for p in [pvc_model.root, *pvc_model.root.rglob("*")]:
-        if not p.is_symlink():
-            os.chmod(p, 0o755 if p.is_dir() else 0o644)
+    """As 'nobody' (root bypasses file permissions), through the CLI."""
+    cache = open_to_nobody(tmp_path, [pvc_model.root])
     snap = pvc_model.hub / repo_folder_name(pvc_model.repo) / "snapshots" / pvc_model.commit
     os.chmod((snap / "tokenizer.json").resolve(), 0o600)
-    err_r, err_w = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # child: never returns into pytest
-        code = 3
-        try:
-            os.setgid(65534)
-            os.setuid(65534)
-            os.dup2(err_w, 2)
-            sys.stderr = os.fdopen(2, "w", buffering=1)
-            from agent.cli import main
-
-            code = main(["fill", pvc_model.repo, "--source", f"pvc:{pvc_model.root}", "--cache-dir", str(cache)])
-        except BaseException:
-            import traceback
-
-            os.write(err_w, traceback.format_exc().encode())
-        finally:
-            os._exit(code)
-    os.close(err_w)
-    with os.fdopen(err_r) as f:
-        stderr = f.read()
-    _, status = os.waitpid(pid, 0)
-    assert os.waitstatus_to_exitcode(status) == 1, stderr
+    code, stderr = run_cli_as_nobody(["fill", pvc_model.repo, "--source", f"pvc:{pvc_model.root}",
+                                      "--cache-dir", str(cache)])
+    assert code == 1, stderr
     assert re.search(r"tokenizer\.json \(-> \S+/blobs/[0-9a-f]{40}\) is not readable", stderr), stderr
     assert not (cache / "hub" / repo_folder_name(pvc_model.repo) / "snapshots").exists()
 

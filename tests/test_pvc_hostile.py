@@ -11,11 +11,8 @@ from __future__ import annotations
 import errno
 import os
 import re
-import select
 import shutil
-import signal
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -31,6 +28,7 @@ from agent.modelgen import MiB, make_hub_model
 from agent.runtime.fill import FillFailed, fill_model
 from agent.sources.base import NullProgress
 from agent.sources.pvc import PvcSource
+from tests.as_nobody import open_to_nobody, run_cli_as_nobody
 from tests.conftest import PvcModel, agent_cmd
 
 ROOT = str(Path(__file__).parents[1])
@@ -186,62 +184,14 @@ def test_fifo_is_refused_and_never_hangs(pvc_model: PvcModel, tmp_path: Path, wh
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to drop to another uid")
 def test_unlistable_folder_fails_the_fill_naming_it(pvc_model: PvcModel, tmp_path: Path) -> None:
     """os.walk used to skip it silently and publish a 'verified' model without original/params.json."""
-    cache = tmp_path / "cache-nobody"
-    cache.mkdir()
-    os.chown(cache, 65534, 65534)
-    for parent in [tmp_path, *tmp_path.parents]:
-        if parent == Path(parent.anchor):
-            break
-        os.chmod(parent, parent.stat().st_mode | 0o011)
-    for p in [pvc_model.root, *pvc_model.root.rglob("*")]:
-        if not p.is_symlink():
-            os.chmod(p, 0o755 if p.is_dir() else 0o644)
+    cache = open_to_nobody(tmp_path, [pvc_model.root])
     folder = pvc_model.hub / repo_folder_name(pvc_model.repo) / "snapshots" / pvc_model.commit / "original"
     os.chmod(folder, 0o700)  # root's; 'nobody' cannot list it
-    code, stderr = _run_as_nobody(["fill", pvc_model.repo, "--source", f"pvc:{pvc_model.root}",
+    code, stderr = run_cli_as_nobody(["fill", pvc_model.repo, "--source", f"pvc:{pvc_model.root}",
                                    "--cache-dir", str(cache)])
     assert code == 1, stderr
     assert re.search(f"cannot (list|open folder) {re.escape(str(folder))}: Permission denied", stderr), stderr
     assert not (cache / "hub" / repo_folder_name(pvc_model.repo) / "snapshots").exists()
-
-
-def _run_as_nobody(argv: list[str]) -> tuple[int, str]:
-    err_r, err_w = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # child: never returns into pytest
-        code = 3
-        try:
-            os.setgid(65534)
-            os.setuid(65534)
-            os.dup2(err_w, 2)
-            sys.stderr = os.fdopen(2, "w", buffering=1)
-            from agent.cli import main
-
-            code = main(argv)
-        except BaseException:
-            import traceback
-
-            os.write(err_w, traceback.format_exc().encode())
-        finally:
-            os._exit(code)
-    os.close(err_w)
-    chunks: list[bytes] = []
-    deadline = time.monotonic() + 30  # well inside pytest-timeout, so the kill below runs
-    while time.monotonic() < deadline:  # a hung child (the failure we test for) must not hang pytest
-        ready, _, _ = select.select([err_r], [], [], max(0.0, deadline - time.monotonic()))
-        if not ready or not (data := os.read(err_r, 65536)):
-            break
-        chunks.append(data)
-    os.close(err_r)
-    done, status = os.waitpid(pid, os.WNOHANG)
-    while done == 0 and time.monotonic() < deadline:  # EOF comes a moment before the child can be reaped
-        time.sleep(0.01)
-        done, status = os.waitpid(pid, os.WNOHANG)
-    if done == 0:
-        os.kill(pid, signal.SIGKILL)
-        os.waitpid(pid, 0)
-        return -1, b"".join(chunks).decode(errors="replace") + "\n(killed: still running after 30 s)"
-    return os.waitstatus_to_exitcode(status), b"".join(chunks).decode(errors="replace")
 
 
 # -- issue 9, bug 7: I/O errors fall back to the next source ---------------------------------------

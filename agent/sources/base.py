@@ -11,13 +11,15 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from agent.cache.store import Fill
 from agent.core.plan import FileEntry, ModelPlan
-from agent.core.retry import RetryPolicy
+from agent.core.retry import RetryPolicy, retry_call
 from agent.core.spec import FileFilter
-from agent.errors import ConfigError, SourceError
+from agent.errors import Cancelled, ConfigError, SourceError
+
+T = TypeVar("T")
 
 
 class Progress(Protocol):
@@ -98,6 +100,26 @@ def stop_wait(first: threading.Event, *more: threading.Event, tick: float = 0.1)
         return True
 
     return wait
+
+
+def retry_source_call(
+    op: Callable[[], T], *, policy: RetryPolicy, what: str, stop: threading.Event, fill: Fill | None = None,
+    also: Sequence[threading.Event] = (), wait: Callable[[float], bool] | None = None,
+    classify: Callable[[BaseException], BaseException] | None = None, progressed: Callable[[], bool] | None = None,
+) -> T:
+    """``retry_call`` as every source uses it: its own transient errors retried under ``policy``, and any wait
+    ended by the fill's stop, the agent's ``stop`` or ``also`` (a source closing). Stopped, it raises
+    ``Cancelled`` (the fill's, or the agent's) rather than the last transient error."""
+    events = [e for e in (fill.stop if fill else None, *also, stop) if e is not None]
+    try:
+        return retry_call(op, policy=policy, what=what, retryable=retryable, classify=classify,
+                          progressed=progressed, wait=wait or stop_wait(*events))
+    except SourceError as e:
+        if fill is not None:
+            fill.check_stop()
+        if stop.is_set():
+            raise Cancelled(f"{what}: stopped while waiting to retry ({e})") from e
+        raise
 
 
 @dataclass(frozen=True)

@@ -32,11 +32,9 @@ import structlog
 from agent.cache.hashing import Digests, DigestWriter
 from agent.cache.store import Fill
 from agent.core.plan import FileEntry, ModelPlan, file_folder_conflict, guess_algo
-from agent.core.retry import retry_call
 from agent.core.spec import FileFilter, is_commit
 from agent.errors import (
     AuthError,
-    Cancelled,
     ConfigError,
     IntegrityError,
     NotFoundError,
@@ -47,7 +45,7 @@ from agent.errors import (
 )
 from agent.log import redact_text
 from agent.sources._proto import health_pb2, health_pb2_grpc, model_pb2, model_pb2_grpc
-from agent.sources.base import Progress, SourceRef, SourceSettings, retryable, stop_wait
+from agent.sources.base import Progress, SourceRef, SourceSettings, retry_source_call
 from agent.sources.mx_stream import StreamValidator, check_commit, check_listing
 
 DEFAULT_PORT = 8001
@@ -378,17 +376,8 @@ class ModelExpressSource:
     def _retrying(self, what: str, repo: str, fn: Callable[[], T], *, fill: Fill | None = None) -> T:
         """``fn`` under ``settings.retry``: every non-permanent SourceError is retried (a server-side
         download error too); a stop of the fill or the agent ends the wait at once."""
-        events = [e for e in (fill.stop if fill else None, self._stop) if e is not None]
-        try:
-            return retry_call(fn, policy=self.settings.retry, what=f"{self.label} {what} {repo}",
-                              retryable=retryable,
-                              wait=self._wait or stop_wait(*events))
-        except SourceError as e:
-            if fill is not None:
-                fill.check_stop()
-            if self._stop.is_set():
-                raise Cancelled(f"{self.label}: {what} {repo}: stopped while waiting to retry ({e})") from e
-            raise
+        return retry_source_call(fn, policy=self.settings.retry, what=f"{self.label}: {what} {repo}",
+                                 stop=self._stop, fill=fill, wait=self._wait)
 
 
 def open_source(ref: SourceRef, settings: SourceSettings, *, stop: threading.Event | None = None

@@ -19,11 +19,10 @@ import structlog
 from agent.cache.store import Fill
 from agent.core.plan import FileEntry, ModelPlan
 from agent.core.redact import strip_userinfo
-from agent.core.retry import retry_call
 from agent.core.spec import FileFilter
 from agent.errors import Cancelled, IntegrityError, SourceError, TransientSourceError
 from agent.log import register_secret
-from agent.sources.base import Progress, SourceRef, SourceSettings, retryable, stop_wait
+from agent.sources.base import Progress, SourceRef, SourceSettings, retry_source_call
 from agent.sources.hub._hf import HfApi, bound_hub_session
 from agent.sources.hub.classify import Abandoned, classify
 from agent.sources.hub.client import HubClient, what_of
@@ -90,17 +89,10 @@ class HubSource:
     def _retrying(self, what: str, op: Callable[[], T], *, fill: Fill | None = None,
                   abandon: threading.Event | None = None, progressed: Callable[[], bool] | None = None) -> T:
         """``op`` under ``settings.retry``; a stop (the fill's, the agent's, ``close``) ends any wait at once."""
-        events = [e for e in (fill.stop if fill else None, abandon, self._stop, self._closing) if e is not None]
-        try:
-            return retry_call(op, policy=self.settings.retry, what=what, retryable=retryable, progressed=progressed,
-                              classify=lambda e: classify(e, f"{what} at {self.label}", has_token=bool(self._token)),
-                              wait=self._wait or stop_wait(*events))
-        except SourceError as e:
-            if fill is not None:
-                fill.check_stop()
-            if self._stop.is_set():
-                raise Cancelled(f"{what} at {self.label}: stopped while waiting to retry ({e})") from e
-            raise
+        return retry_source_call(
+            op, policy=self.settings.retry, what=f"{what} at {self.label}", stop=self._stop, fill=fill,
+            also=[e for e in (abandon, self._closing) if e is not None], wait=self._wait, progressed=progressed,
+            classify=lambda e: classify(e, f"{what} at {self.label}", has_token=bool(self._token)))
 
     # -- metadata ----------------------------------------------------------------------------------
 
