@@ -251,3 +251,21 @@ def test_watermark_never_takes_a_desired_model() -> None:
     p = space_step({"a": a}, {"a": ok(a)}, {"a": record(a)}, (snapshot_of(a),), wall=1000.0,
                    prev={"a": ModelStatus("a", state="ready")}, disk=DiskUse(990, 1000))
     assert p.drains == {} and p.ready == {"a"}
+
+
+def test_nothing_is_drained_before_the_desired_set_is_known() -> None:
+    """At start in a cluster the first pass runs before the CachedModels are listed: no drain may start."""
+    a = spec("a")
+    desired = DesiredState(models={}, synced=False)
+    snap = NodeSnapshot({}, (snapshot_of(a),), 0.0, {"a": record(a)})
+    p = plan(desired, snap, {}, frozenset(), (), 0.0, Policy(space=GRACE, wall_now=1000.0))
+    assert p.drains == {} and p.evictions == ()
+
+
+def test_an_undesired_drain_ends_when_the_model_is_desired_again() -> None:
+    a = spec("a")
+    rec, snaps = {"a": record(a)}, (snapshot_of(a),)
+    p1 = space_step({}, {}, rec, snaps, wall=1000.0)
+    assert p1.drains
+    p2 = space_step({"a": a}, {"a": ok(a)}, rec, snaps, wall=1010.0, drains=p1.drains)
+    assert p2.drains == {} and p2.ready == {"a"}

@@ -159,8 +159,11 @@ def plan(
              if (st := prev.get(n)) is not None and st.state == "waiting-for-space" and st.need_bytes > 0]
     needs += [Need(o.name, desired.models[o.name].priority, o.shortfall) for o in outcomes
               if o.shortfall > 0 and o.name in desired.models and not o.cancelled]
-    space = plan_space(cands, drains or {}, needs, used=snap.disk.used, capacity=snap.disk.capacity,
-                       now=policy.wall_now, policy=policy.space)
+    if desired.synced:
+        space = plan_space(cands, drains or {}, needs, used=snap.disk.used, capacity=snap.disk.capacity,
+                           now=policy.wall_now, policy=policy.space)
+    else:  # the desired set is not known yet (no list from the API so far): nothing is unwanted yet
+        space = SpacePlan(drains=dict(drains or {}))
     unmet = {n.name for n in space.unmet}
     freeing = bool(space.delete)
     for name, spec in sorted(desired.models.items(), key=lambda kv: (-kv[1].priority, kv[0])):

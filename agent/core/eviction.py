@@ -137,12 +137,12 @@ def plan_space(
     """Drains to start, keep or cancel, and snapshots to delete now. ``used``/``capacity``: watermark inputs."""
     out = SpacePlan()
     by_key = {c.key: c for c in candidates}
-    for key, d in drains.items():  # keep drains whose snapshot still exists and nobody uses
+    for key, d in drains.items():  # keep drains whose snapshot still exists, nobody uses and is still unwanted
         c = by_key.get(key)
         if c is None:
             continue
-        if c.in_use:
-            out.cancelled.append(c)
+        if c.in_use or (d.kind in ("undesired", "watermark") and c.priority is not None):
+            out.cancelled.append(c)  # a pod uses it, or a desired model wants it again
             continue
         out.drains[key] = d
 

@@ -17,6 +17,8 @@ from typing import TypeVar
 
 import structlog
 
+from agent.errors import Cancelled, DiskFullError
+
 log = structlog.get_logger("agent.retry")
 T = TypeVar("T")
 
@@ -49,7 +51,13 @@ class RetryPolicy:
 
 
 def is_transient(err: BaseException) -> bool:
-    """Our error classes say whether trying again can help (``permanent``); anything else is final."""
+    """Our error classes say whether trying again can help (``permanent``); anything else is final.
+
+    A stop (``Cancelled``) and a full disk are not transient for a retry loop: waiting a few seconds
+    and calling again cannot help either (the loop deals with them: eviction, waiting-for-space).
+    """
+    if isinstance(err, Cancelled | DiskFullError):
+        return False
     return getattr(err, "permanent", True) is False
 
 

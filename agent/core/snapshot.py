@@ -39,6 +39,7 @@ class ModelRecord:
     listing: str  # listing_digest of the plan it was filled from
     source: str = ""
     filled_at: float = 0.0
+    pvc_subpath: str | None = None  # the folder a plain/local-dir PVC model was read from (part of its identity)
 
     def mismatch(self, spec: ModelSpec, pin: str | None) -> str | None:
         """None when this record is what ``spec`` asks for now; else a short reason (the spec changed)."""
@@ -46,6 +47,8 @@ class ModelRecord:
             return f"repo changed ({self.repo} -> {spec.repo})"
         if self.files != spec.files:
             return "file filter changed since the last fill"
+        if self.pvc_subpath != spec.pvc_subpath:
+            return f"pvcSubpath changed ({self.pvc_subpath} -> {spec.pvc_subpath})"
         if is_commit(spec.revision):
             return None if self.commit == spec.revision else f"revision changed to {spec.revision[:12]}"
         if self.revision != spec.revision:
@@ -56,7 +59,7 @@ class ModelRecord:
 
     def same_commit(self, spec: ModelSpec, pin: str | None) -> bool:
         """Does ``spec`` still want this record's commit (a refill, e.g. for a widened filter, reuses it)?"""
-        if self.repo != spec.repo:
+        if self.repo != spec.repo or self.pvc_subpath != spec.pvc_subpath:
             return False
         if is_commit(spec.revision):
             return self.commit == spec.revision
@@ -65,7 +68,8 @@ class ModelRecord:
     def to_json(self) -> dict[str, Any]:
         return {"version": 1, "name": self.name, "repo": self.repo, "revision": self.revision,
                 "commit": self.commit, "files": self.files.to_dict(), "paths": list(self.paths),
-                "listing": self.listing, "source": self.source, "filled_at": self.filled_at}
+                "listing": self.listing, "source": self.source, "filled_at": self.filled_at,
+                "pvc_subpath": self.pvc_subpath}
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> ModelRecord:
@@ -77,7 +81,8 @@ class ModelRecord:
             raise ValueError("paths must be a list of strings")
         return cls(str(d["name"]), str(d["repo"]), str(d["revision"]), str(d["commit"]),
                    FileFilter(tuple(files.get("allow") or ()), tuple(files.get("ignore") or ())),
-                   tuple(paths), str(d["listing"]), str(d.get("source", "")), float(d.get("filled_at", 0.0)))
+                   tuple(paths), str(d["listing"]), str(d.get("source", "")), float(d.get("filled_at", 0.0)),
+                   d.get("pvc_subpath") or None)
 
 
 @dataclass(frozen=True)

@@ -110,6 +110,7 @@ def fill_model(
     lock_timeout: float | None = None,
     stop: threading.Event | None = None,
     record_as: str | None = None,
+    pvc_subpath: str | None = None,
     on_lock_wait: Callable[[str], None] | None = None,
 ) -> FillResult:
     """Fill ``repo`` at ``revision`` from the first source that can deliver it.
@@ -132,7 +133,7 @@ def fill_model(
             plan = trusted_from_manifest(store, plan)
             plan = enrich_digests(plan, [s for j, s in enumerate(sources) if j != i], files)
             return _fill_from(store, src, plan, progress, lock_timeout, blog, stop,
-                              _record(record_as, revision, files, plan), on_lock_wait)
+                              _record(record_as, revision, files, plan, pvc_subpath), on_lock_wait)
         except DiskFullError:
             raise
         except (SourceError, IntegrityError, UnsafePathError) as e:
@@ -141,11 +142,12 @@ def fill_model(
     raise FillFailed(repo, revision, attempts)
 
 
-def _record(name: str | None, revision: str, files: FileFilter, plan: ModelPlan) -> ModelRecord | None:
+def _record(name: str | None, revision: str, files: FileFilter, plan: ModelPlan,
+            pvc_subpath: str | None) -> ModelRecord | None:
     if name is None:
         return None
     return ModelRecord(name, plan.repo, revision, plan.commit, files, tuple(sorted(e.path for e in plan.files)),
-                       listing_digest(plan.files), plan.source, time.time())
+                       listing_digest(plan.files), plan.source, time.time(), pvc_subpath)
 
 
 def _fill_from(

@@ -354,7 +354,7 @@ class Loop:
             if pin is None and not is_commit(spec.revision):
                 pin = self._resolve_pin(name, spec, sources)
             res = fill_model(self.store, sources, spec.repo, spec.revision, spec.files, pin=pin, progress=progress,
-                             stop=cancel, record_as=name, lock_timeout=None)
+                             stop=cancel, record_as=name, pvc_subpath=spec.pvc_subpath, lock_timeout=None)
             m = res.manifest
             return FillOutcome(name, True, source=res.source, fetched_files=res.fetched_files,
                                fetched_bytes=res.fetched_bytes, seconds=res.seconds, commit=m.commit, level=m.level,
