@@ -7,7 +7,6 @@ Costs are per model: a check reads one manifest and stats the files it is asked 
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -15,7 +14,8 @@ from pathlib import Path
 
 from agent.cache.hashing import hash_file
 from agent.cache.layout import CacheLayout, blob_link_target, repo_from_folder_name
-from agent.cache.manifest import Manifest, load_manifest
+from agent.cache.manifest import Manifest, load_manifest, load_state
+from agent.cache.space import tree_bytes
 from agent.core.snapshot import ModelRecord
 from agent.errors import CorruptStateError
 
@@ -122,17 +122,7 @@ class CacheReader:
 
     def record(self, name: str) -> ModelRecord | None:
         """The file set model ``name`` was filled with; None if never; ``CorruptStateError`` if unparsable."""
-        path = self.layout.record_path(name)
-        try:
-            raw = path.read_bytes()
-        except FileNotFoundError:
-            return None
-        except OSError as e:
-            raise CorruptStateError(str(path), f"unreadable ({e.strerror})") from e
-        try:
-            return ModelRecord.from_json(json.loads(raw))
-        except (ValueError, KeyError, TypeError, AttributeError) as e:
-            raise CorruptStateError(str(path), f"not a valid model record ({type(e).__name__}: {e})") from e
+        return load_state(self.layout.record_path(name), ModelRecord.from_json, "model record")
 
     def records(self) -> list[ModelRecord]:
         out = []
@@ -238,11 +228,4 @@ class CacheReader:
 
     def staged_bytes(self, repo: str) -> int:
         """Bytes a fill of ``repo`` left in staging (partial and verified files awaiting a resume)."""
-        total = 0
-        for dirpath, _dirs, files in os.walk(self.layout.staging_dir(repo)):
-            for n in files:
-                try:
-                    total += os.lstat(os.path.join(dirpath, n)).st_size
-                except FileNotFoundError:
-                    continue
-        return total
+        return tree_bytes(self.layout.staging_dir(repo))

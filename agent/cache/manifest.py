@@ -13,14 +13,16 @@ never published.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from agent.core.plan import HashAlgo, VerificationLevel
 from agent.errors import CorruptStateError
 
 MANIFEST_VERSION = 1
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -74,9 +76,9 @@ def manifest_bytes(manifest: Manifest) -> bytes:
     return json.dumps(manifest.to_json(), separators=(",", ":"), sort_keys=True).encode()
 
 
-def load_manifest(path: Path) -> Manifest | None:
-    """The manifest at ``path``; None if there is none. Raises ``CorruptStateError`` naming the file
-    when it exists but cannot be read or parsed: that is damage to report, not an empty cache."""
+def load_state(path: Path, parse: Callable[[Any], T], what: str) -> T | None:
+    """One of the agent's own JSON state files; None if absent. Raises ``CorruptStateError`` naming the
+    file when it exists but cannot be read or parsed: that is damage to report, not an empty cache."""
     try:
         with open(path, "rb") as f:
             raw = f.read()
@@ -85,6 +87,10 @@ def load_manifest(path: Path) -> Manifest | None:
     except OSError as e:
         raise CorruptStateError(str(path), f"unreadable ({e.strerror})") from e
     try:
-        return Manifest.from_json(json.loads(raw))
+        return parse(json.loads(raw))
     except (ValueError, KeyError, TypeError, AttributeError) as e:
-        raise CorruptStateError(str(path), f"not a valid manifest ({type(e).__name__}: {e})") from e
+        raise CorruptStateError(str(path), f"not a valid {what} ({type(e).__name__}: {e})") from e
+
+
+def load_manifest(path: Path) -> Manifest | None:
+    return load_state(path, Manifest.from_json, "manifest")

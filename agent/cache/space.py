@@ -36,7 +36,8 @@ class _Hold:
     base: int  # bytes already in ``staging`` when the reservation was made (not part of ``need``)
 
 
-def _tree_bytes(top: Path) -> int:
+def tree_bytes(top: Path) -> int:
+    """Bytes of the files below ``top`` (0 if it does not exist)."""
     total = 0
     for dirpath, _dirs, files in os.walk(top):
         for n in files:
@@ -101,13 +102,13 @@ class SpaceLedger:
 
     def _outstanding(self) -> int:
         """Bytes in-flight fills reserved and have not written yet (call with ``_mu`` held)."""
-        return sum(max(0, h.need - (_tree_bytes(h.staging) - h.base)) for h in self._holds.values())
+        return sum(max(0, h.need - (tree_bytes(h.staging) - h.base)) for h in self._holds.values())
 
     def used(self) -> int:
         """What counts against the budget: published blobs, everything in staging, outstanding reservations."""
         published = self.published()
         with self._mu:
-            return published + _tree_bytes(self.layout.staging_root) + self._outstanding()
+            return published + tree_bytes(self.layout.staging_root) + self._outstanding()
 
     def free(self) -> int:
         """Free bytes for a new fill: the filesystem's minus reservations, capped by the budget."""
@@ -116,7 +117,7 @@ class SpaceLedger:
             out = self._outstanding()
             free = self._disk_usage(self.layout.root).free - out - self.reserve_bytes
             if self.budget > 0:
-                free = min(free, self.budget - published - _tree_bytes(self.layout.staging_root) - out)
+                free = min(free, self.budget - published - tree_bytes(self.layout.staging_root) - out)
         return free
 
     @contextmanager
@@ -129,7 +130,7 @@ class SpaceLedger:
             free = fs_free
             where = f"under {self.layout.root}"
             if self.budget > 0:
-                budget_free = self.budget - published - _tree_bytes(self.layout.staging_root) - out
+                budget_free = self.budget - published - tree_bytes(self.layout.staging_root) - out
                 if budget_free < free:
                     free, where = budget_free, f"{where} (budget {self.budget})"
             if need > free:
@@ -139,7 +140,7 @@ class SpaceLedger:
                     shortfall=need - free)
             key = self._next
             self._next += 1
-            self._holds[key] = _Hold(need, staging, _tree_bytes(staging))
+            self._holds[key] = _Hold(need, staging, tree_bytes(staging))
         try:
             yield need
         finally:
