@@ -1,10 +1,10 @@
-"""Label selectors, label diffs and the coverage table (pure functions)."""
+"""Label selectors and label diffs (pure functions)."""
 
 from __future__ import annotations
 
 import pytest
 
-from agent.core.selector import coverage_table, label_patch, matches, model_states, validate
+from agent.core.selector import label_patch, matches, model_states, validate
 from agent.errors import SpecError
 
 GPU = {"nvidia.com/gpu.present": "true", "zone": "a", "pool": "h100"}
@@ -114,17 +114,3 @@ def test_model_states_strip_prefix() -> None:
     labels = {"modelcache.dev/a": "ready", "modelcache.dev/status": "{}", "zone": "x"}
     assert model_states(labels, "modelcache.dev") == {"a": "ready"}
 
-
-def test_coverage_table_rows_per_model_columns_per_node() -> None:
-    nodes = [
-        ("n2", {"modelcache.dev/qwen": "ready"}),
-        ("n1", {"modelcache.dev/qwen": "ready", "modelcache.dev/llama": "ready", "zone": "a"}),
-        ("n3", {}),
-    ]
-    names, rows = coverage_table(nodes, "modelcache.dev", models=["mistral"])
-    assert names == ["n1", "n2", "n3"]
-    assert rows == [
-        ("llama", {"n1": True, "n2": False, "n3": False}),
-        ("mistral", {"n1": False, "n2": False, "n3": False}),
-        ("qwen", {"n1": True, "n2": True, "n3": False}),
-    ]

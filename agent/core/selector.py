@@ -1,4 +1,4 @@
-"""Label selectors, node-label diffs and the coverage table: pure data, no I/O.
+"""Label selectors and node-label diffs: pure data, no I/O.
 
 The Kubernetes adapter (``agent.k8s``) feeds these functions plain dicts, so the loop and the
 ``coverage`` command decide with the same rules the API server would, and tests need no cluster.
@@ -6,7 +6,7 @@ The Kubernetes adapter (``agent.k8s``) feeds these functions plain dicts, so the
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 from agent.errors import SpecError
@@ -119,19 +119,3 @@ def model_states(labels: Mapping[str, str], prefix: str) -> dict[str, str]:
     cut = len(prefix) + 1
     return {key[cut:]: value for key, value in labels.items() if owned(key, prefix)}
 
-
-def coverage_table(
-    nodes: Iterable[tuple[str, Mapping[str, str]]], prefix: str, models: Iterable[str] = ()
-) -> tuple[list[str], list[tuple[str, dict[str, bool]]]]:
-    """Models x nodes warmth from Node labels: (sorted node names, [(model, {node: ready})]).
-
-    ``models`` adds rows for models nobody has yet (a desired model at 0% coverage must still show).
-    Rows are sorted by model name so the output diffs cleanly between runs.
-    """
-    per_node = {name: model_states(labels, prefix) for name, labels in nodes}
-    node_names = sorted(per_node)
-    all_models = set(models)
-    for states in per_node.values():
-        all_models.update(states)
-    rows = [(model, {node: per_node[node].get(model) == READY for node in node_names}) for model in sorted(all_models)]
-    return node_names, rows

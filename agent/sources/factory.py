@@ -6,10 +6,13 @@ import importlib
 import threading
 from collections.abc import Sequence
 
+from agent.core.schema import SOURCE_KINDS
 from agent.errors import ConfigError
 from agent.sources.base import Source, SourceRef, SourceSettings
 
-_MODULES = {"pvc": "agent.sources.pvc", "hub": "agent.sources.hub", "modelexpress": "agent.sources.modelexpress"}
+# One module per kind, ``agent.sources.<kind>`` with an ``open_source``; SOURCE_KINDS is the one list
+# (the CRD enum and the spec parser accept exactly these).
+_MODULES = {kind: f"agent.sources.{kind}" for kind in SOURCE_KINDS}
 
 
 def open_source(ref: SourceRef, settings: SourceSettings, *, stop: threading.Event | None = None) -> Source:
