@@ -1,117 +1,247 @@
 """Command line: ``model-cache-agent run | fill | status | verify | demo | coverage``.
 
 Exit codes: 0 success, 1 the operation found a problem (failed fill, mismatch), 2 usage or
-configuration error. Errors are one line naming the bad flag, field or file.
+configuration error, 128+N stopped by signal N (130 Ctrl-C, 143 SIGTERM). A failure is one line on
+stderr naming the bad flag, field or file (with ``--json``: a JSON object on stdout); a traceback
+is printed only with ``--log-level debug``.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
+import signal
+import socket
 import sys
-from collections.abc import Sequence
+import textwrap
+import threading
+import traceback
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any, NoReturn
 
 from agent import __version__
-from agent.errors import AgentError, ConfigError, SpecError
+from agent.config import DEFAULT_CACHE_DIR, LOG_LEVELS, RUN_NUMBERS, ConfigError
+from agent.errors import AgentError, Cancelled, SpecError
 
 EXIT_OK, EXIT_PROBLEM, EXIT_USAGE = 0, 1, 2
+WEEK = 7 * 86400.0
+STOP_GRACE = 1.2  # seconds a stopped fill gets to wind down before the process exits anyway
+ONE_SHOT = ("fill", "verify", "status", "coverage")
+SOURCES_HELP = "pvc:PATH | hub | modelexpress[:ADDR]"
+MODELS_EXAMPLE = "manifests/examples/models.yaml"
+
+RUN_EPILOG = f"""\
+models file: a YAML list of bare specs (name, repo, revision, files, sources, priority, nodeSelector) or \
+of CachedModel objects, checked against the CachedModel CRD schema. An example with every field: \
+{MODELS_EXAMPLE} in the source repository. Edits are picked up while running; a broken edit keeps the \
+last good file in force and is logged once.
+
+config file (--config) keys: cacheDir, sources, labelPrefix, {", ".join(n.key for n in RUN_NUMBERS.values())}. \
+Precedence: flag > environment > config file > default.
+
+/metrics, /healthz and /readyz (nothing else) are served on --metrics-host:--metrics-port, by default \
+0.0.0.0:9400, that is on every interface of the node or pod: use --metrics-host 127.0.0.1 or a \
+NetworkPolicy if the port must not be reachable from elsewhere.
+"""
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # argparse exits 2 too; keep its message, our format
-        self.print_usage(sys.stderr)
-        print(f"error: {message}", file=sys.stderr)
+    def error(self, message: str) -> NoReturn:  # one line, our format; argparse exits 2 too
+        print(f"error: {message} (see {self.prog} --help)", file=sys.stderr)
         raise SystemExit(EXIT_USAGE)
 
 
+class _Formatter(argparse.HelpFormatter):
+    """Wraps descriptions and epilogs paragraph by paragraph (argparse would join the paragraphs)."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        return "\n\n".join(textwrap.fill(p, width, initial_indent=indent, subsequent_indent=indent)
+                           for p in text.split("\n\n"))
+
+
+def _formatter(prog: str) -> argparse.HelpFormatter:
+    return _Formatter(prog, max_help_position=32, width=100)
+
+
+def _num_help(attr: str, what: str) -> str:
+    n = RUN_NUMBERS[attr]
+    return f"{what} (config key {n.key}; default {n.default:g})"
+
+
 def _cache_dir_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--cache-dir", help="agent root (env MODEL_CACHE_DIR, default /var/lib/model-cache)")
+    p.add_argument("--cache-dir", metavar="DIR",
+                   help=f"agent root holding hub/ and .agent/ (default: env MODEL_CACHE_DIR, else {DEFAULT_CACHE_DIR})")
+
+
+def _json_arg(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--json", action="store_true", help=f"print {what} as JSON on stdout (default: off)")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = _Parser(prog="model-cache-agent", description=__doc__.splitlines()[0] if __doc__ else None)
+    ap = _Parser(prog="model-cache-agent", formatter_class=_formatter,
+                 description="Keep Hugging Face models warm in a node-local cache and label the node.")
     ap.add_argument("--version", action="version", version=__version__)
-    ap.add_argument("--log-level", default=os.environ.get("LOG_LEVEL", "info"))
-    ap.add_argument("--log-json", action="store_true", default=None, help="JSON log lines even on a TTY")
-    sub = ap.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
+    ap.add_argument("--log-level", type=str.lower, choices=LOG_LEVELS, metavar="{" + ",".join(LOG_LEVELS) + "}",
+                    help="log level; debug also prints tracebacks (default: env LOG_LEVEL, else info; "
+                         "error for one-shot commands on a terminal)")
+    ap.add_argument("--log-json", action="store_true", default=None,
+                    help="JSON log lines even on a terminal (default: JSON unless stderr is a terminal)")
+    sub = ap.add_subparsers(dest="cmd", required=True, parser_class=_Parser, metavar="COMMAND")
 
-    f = sub.add_parser("fill", help="fill the cache with one model and exit")
-    f.add_argument("repo", help="org/name")
-    f.add_argument("--revision", default="main", help="branch, tag or 40-hex commit (default main)")
-    f.add_argument("--source", action="append",
-                   help="pvc:PATH | hub | modelexpress[:ADDR]; repeat for fallbacks (default: hub, i.e. HF_ENDPOINT "
-                        "or huggingface.co)")
-    f.add_argument("--pvc-subpath", help="the model's folder under pvc:PATH, e.g. team/qwen3 (a `hf download "
-                                         "--local-dir` folder or plain files; default: PATH/<org>/<name>)")
-    f.add_argument("--allow", action="append", default=[], help="glob of files to include (repeatable)")
-    f.add_argument("--ignore", action="append", default=[], help="glob of files to skip (repeatable)")
-    f.add_argument("--token-file", help="file holding the Hub token (else HF_TOKEN or a mounted Secret)")
-    f.add_argument("--lock-timeout", type=float, default=None, help="seconds to wait for another fill of the repo")
-    f.add_argument("--json", action="store_true", help="print the result as JSON")
+    f = sub.add_parser("fill", help="fill the cache with one model and exit", formatter_class=_formatter,
+                       description="Fill the cache with one model, verify every file, publish it, exit. "
+                                   "Ctrl-C or SIGTERM stops within 2 s, keeping what was staged.")
+    f.add_argument("repo", help="Hugging Face repo id, org/name")
+    f.add_argument("--revision", default="main", help="branch, tag or 40-hex commit (default: main)")
+    f.add_argument("--source", action="append", metavar="SOURCE",
+                   help=f"{SOURCES_HELP}; repeat for fallbacks in preference order (default: hub, i.e. "
+                        "HF_ENDPOINT or huggingface.co)")
+    f.add_argument("--pvc-subpath", metavar="PATH",
+                   help="the model's folder under pvc:PATH, e.g. team/qwen3 (an 'hf download --local-dir' folder "
+                        "or plain files; default: PATH/<org>/<name>)")
+    f.add_argument("--allow", action="append", default=[], metavar="GLOB",
+                   help="only files matching this glob; repeatable (default: every file)")
+    f.add_argument("--ignore", action="append", default=[], metavar="GLOB",
+                   help="skip files matching this glob; repeatable (default: none)")
+    f.add_argument("--token-file", metavar="FILE",
+                   help="file holding the Hub token (default: env HF_TOKEN, else the mounted Secret)")
+    f.add_argument("--lock-timeout", metavar="SECONDS",
+                   help="give up after waiting this long for another fill of the repo (default: wait)")
+    _json_arg(f, "the result (or the error)")
     _cache_dir_arg(f)
 
-    v = sub.add_parser("verify", help="check cached snapshots against their manifests")
-    v.add_argument("repo", nargs="?", help="only this org/name")
-    v.add_argument("--full", action="store_true", help="recompute sha256 / git-sha1 (default: xxh3-128)")
-    v.add_argument("--fast", action="store_true", help="stat only (size, mtime, inode, symlinks)")
+    v = sub.add_parser("verify", help="check cached snapshots against their manifests", formatter_class=_formatter,
+                       description="Check cached snapshots against their verified manifests. "
+                                   "Exit 0 clean, 1 a mismatch, 2 usage error.")
+    v.add_argument("repo", nargs="?", help="only this org/name (default: every cached repo)")
+    mode = v.add_mutually_exclusive_group()
+    mode.add_argument("--full", action="store_true",
+                      help="re-read every byte and recompute sha256 / git-sha1 (default: re-read with xxh3-128)")
+    mode.add_argument("--fast", action="store_true",
+                      help="stat only: size, mtime, inode, symlinks (default: re-read with xxh3-128)")
     _cache_dir_arg(v)
 
-    s = sub.add_parser("status", help="what the cache holds")
-    s.add_argument("repo", nargs="?")
-    s.add_argument("--json", action="store_true")
+    s = sub.add_parser("status", help="what the cache holds (and what is staged)", formatter_class=_formatter,
+                       description="What the cache holds: per repo its revisions, commit, size, verification "
+                                   "level, state, and bytes staged by an unfinished fill.")
+    s.add_argument("repo", nargs="?", help="only this org/name (default: every repo)")
+    _json_arg(s, "the rows")
     _cache_dir_arg(s)
 
-    d = sub.add_parser("demo", help="make a tiny model, fill a temp cache from a temp PVC, verify, show status")
-    d.add_argument("--dir", help="work here instead of a temp dir (kept)")
-    d.add_argument("--size", default="50M", help="weight bytes (default 50M)")
-    d.add_argument("--keep", action="store_true")
+    d = sub.add_parser("demo", help="make a tiny model, fill a temp cache from a temp PVC, verify, show status",
+                       formatter_class=_formatter)
+    d.add_argument("--dir", help="work in this folder and keep it (default: a temporary folder, removed)")
+    d.add_argument("--size", default="50M", help="bytes of weights, e.g. 8M (default: 50M)")
+    d.add_argument("--keep", action="store_true", help="keep the temporary folder (default: off)")
 
-    r = sub.add_parser("run", help="the node agent: reconcile desired models forever")
+    r = sub.add_parser("run", help="the node agent: reconcile desired models until stopped",
+                       formatter_class=_formatter, epilog=RUN_EPILOG,
+                       description="The node agent: keep the desired models (CachedModel objects, or a models "
+                                   "file with --no-kubernetes) filled, verified and labelled until SIGTERM.")
     _cache_dir_arg(r)
-    r.add_argument("--config", help="YAML config file (keys: cacheDir, sources, labelPrefix, metricsPort, ...)")
-    r.add_argument("--source", action="append", help="pvc:PATH | hub | modelexpress[:ADDR], preference order")
-    r.add_argument("--no-kubernetes", action="store_true", help="no cluster: desired models from --models-file")
-    r.add_argument("--models-file", help="YAML list of CachedModel objects or bare specs with a name")
-    r.add_argument("--node-name", help="this node (default env NODE_NAME)")
-    r.add_argument("--kube-host", help="API server URL (default: in-cluster config, then kubeconfig)")
-    r.add_argument("--label-prefix", help="label/annotation prefix (default modelcache.dev)")
-    r.add_argument("--metrics-port", type=int, default=None, help="/metrics, /healthz, /readyz (default 9400)")
-    r.add_argument("--metrics-host", default="0.0.0.0")
-    r.add_argument("--workers", type=int, default=None, help="models filled at once (default 2)")
-    r.add_argument("--token-file")
-    r.add_argument("--check-interval", type=float, default=None, help="seconds between stat checks")
-    r.add_argument("--scrub-interval", type=float, default=None, help="seconds between xxh3 scrubs (0 = off)")
-    r.add_argument("--scrub-rate", default=None, help="scrub read limit, bytes/s (e.g. 200M)")
-    r.add_argument("--disk-budget", default=None, help="max bytes the cache may use (e.g. 500G; 0 = free space)")
-    r.add_argument("--drain-grace", type=float, default=None,
-                   help="seconds an unlabelled model must stay unused before its files are deleted (default 300)")
-    r.add_argument("--in-use-file", default=None,
-                   help="no cluster: file of model names in use by workers, one per line (never evicted)")
+    r.add_argument("--config", metavar="FILE", help="YAML settings file, keys below (default: none)")
+    r.add_argument("--source", action="append", metavar="SOURCE",
+                   help=f"{SOURCES_HELP}, repeat in preference order (default: env MODEL_CACHE_SOURCES, "
+                        "comma-separated, else config key sources)")
+    r.add_argument("--no-kubernetes", action="store_true",
+                   help="no cluster: desired models from --models-file, labels to .agent/node-status.json "
+                        "(default: off)")
+    r.add_argument("--models-file", metavar="FILE",
+                   help=f"YAML list of models, watched for changes; example: {MODELS_EXAMPLE} (default: none)")
+    r.add_argument("--node-name", metavar="NAME", help="this node's name (default: env NODE_NAME)")
+    r.add_argument("--kube-host", metavar="URL",
+                   help="API server URL (default: env MODEL_CACHE_KUBE_HOST, else in-cluster config, else kubeconfig)")
+    r.add_argument("--label-prefix", metavar="PREFIX",
+                   help="label and annotation prefix (default: env MODEL_CACHE_LABEL_PREFIX, else modelcache.dev)")
+    r.add_argument("--metrics-port", metavar="PORT", dest="metrics_port",
+                   help=_num_help("metrics_port", "port for /metrics, /healthz, /readyz; 0 picks a free one"))
+    r.add_argument("--metrics-host", default="0.0.0.0", metavar="ADDR",
+                   help="address the metrics port binds (default: 0.0.0.0, every interface)")
+    r.add_argument("--workers", metavar="N", help=_num_help("workers", "models filled at once"))
+    r.add_argument("--token-file", metavar="FILE",
+                   help="file holding the Hub token (default: env HF_TOKEN, else the mounted Secret)")
+    r.add_argument("--check-interval", metavar="SECONDS",
+                   help=_num_help("check_interval", "seconds between stat checks of every ready model"))
+    r.add_argument("--scrub-interval", metavar="SECONDS",
+                   help=_num_help("scrub_interval", "seconds between xxh3 re-reads of everything; 0 = off"))
+    r.add_argument("--scrub-rate", metavar="BYTES", dest="scrub_bytes_per_second",
+                   help="scrub read limit per second, e.g. 200M; 0 = unlimited "
+                        "(config key scrubBytesPerSecond; default 200M)")
+    r.add_argument("--disk-budget", metavar="BYTES", dest="disk_budget_bytes",
+                   help="most bytes the cache may use, e.g. 500G; 0 = the free space "
+                        "(config key diskBudgetBytes; default 0)")
+    r.add_argument("--drain-grace", metavar="SECONDS",
+                   help=_num_help("drain_grace", "seconds an unlabelled model must stay unused before its files "
+                                                 "are deleted"))
+    r.add_argument("--in-use-file", metavar="FILE",
+                   help="no cluster: file of model names in use by workers, one per line, never evicted "
+                        "(default: none)")
 
-    c = sub.add_parser("coverage", help="models x nodes table of who is warm (reads Node labels)")
-    c.add_argument("--kube-host")
-    c.add_argument("--label-prefix", default="modelcache.dev")
-    c.add_argument("--json", action="store_true")
+    c = sub.add_parser("coverage", help="READY n/m per model over the nodes it is meant for",
+                       formatter_class=_formatter,
+                       description="Per model: how many of the nodes its CachedModel selects carry the ready "
+                                   "label (READY n/m), and which nodes. Read from the API server.")
+    c.add_argument("--kube-host", metavar="URL",
+                   help="API server URL (default: env MODEL_CACHE_KUBE_HOST, else in-cluster config, else kubeconfig)")
+    c.add_argument("--label-prefix", default="modelcache.dev", metavar="PREFIX",
+                   help="label prefix (default: modelcache.dev)")
+    _json_arg(c, "the coverage")
     return ap
+
+
+# ------------------------------------------------------------------------------------------ entry point
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from agent import log
 
-    log.configure(level=args.log_level, json=args.log_json)
+    try:
+        level = args.log_level or _env_log_level()
+    except ConfigError as e:
+        return _fail(args, str(e), EXIT_USAGE)
+    if level is None:
+        level = "error" if args.cmd in ONE_SHOT and sys.stderr.isatty() else "info"
+    args.log_level = level
+    log.configure(level=level, json=args.log_json)
     try:
         return _dispatch(args)
     except (ConfigError, SpecError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_USAGE
+        return _fail(args, str(e), EXIT_USAGE)
     except AgentError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_PROBLEM
+        return _fail(args, str(e), EXIT_PROBLEM)
     except KeyboardInterrupt:
-        return 130
+        return 128 + signal.SIGINT
+    except OSError as e:
+        where = f" ({e.filename})" if e.filename else ""
+        return _fail(args, f"{e.strerror or e}{where}", EXIT_PROBLEM, exc=e)
+    except Exception as e:
+        return _fail(args, f"internal error: {type(e).__name__}: {e}", EXIT_PROBLEM, exc=e)
+
+
+def _env_log_level() -> str | None:
+    from agent.config import log_level
+
+    return log_level(os.environ.get("LOG_LEVEL") or None, "LOG_LEVEL")
+
+
+def _fail(args: argparse.Namespace, message: str, code: int, *, exc: BaseException | None = None,
+          **extra: Any) -> int:
+    """The one line a failure prints: plain on stderr, or a JSON object on stdout with --json."""
+    if exc is not None:
+        if args.log_level == "debug":
+            traceback.print_exception(exc, file=sys.stderr)
+        elif not getattr(args, "json", False):
+            message += " (--log-level debug shows the traceback)"
+    if getattr(args, "json", False):
+        print(json.dumps({"error": message, "exit": code, **extra}))
+    else:
+        print(f"error: {message}", file=sys.stderr)
+    return code
 
 
 def _dispatch(args: argparse.Namespace) -> int:
@@ -119,39 +249,117 @@ def _dispatch(args: argparse.Namespace) -> int:
             "run": cmd_run, "coverage": cmd_coverage}[args.cmd](args)
 
 
-def _store(args: argparse.Namespace):  # type: ignore[no-untyped-def]
-    from agent.cache.store import Store
-    from agent.config import cache_dir_from
+def _usage(field: str, fn: Any, *a: Any) -> Any:
+    """Run a core validator; its SpecError is a usage error naming ``field``."""
+    try:
+        return fn(*a)
+    except SpecError as e:
+        raise ConfigError(f"{field}: {str(e).split(': ', 1)[-1]}") from None
 
-    return Store(cache_dir_from(args.cache_dir, os.environ))
+
+def _root(args: argparse.Namespace) -> tuple[Path, str]:
+    from agent.config import cache_dir_from, cache_dir_origin
+
+    return cache_dir_from(args.cache_dir, os.environ), cache_dir_origin(args.cache_dir, os.environ)
+
+
+# -------------------------------------------------------------------------------------------------- fill
+
+
+@contextmanager
+def _stop_on_signals(stop: threading.Event) -> Iterator[list[int]]:
+    """SIGINT/SIGTERM set ``stop``; yields the list of signals caught."""
+    caught: list[int] = []
+
+    def handler(signum: int, _frame: object) -> None:
+        caught.append(signum)
+        stop.set()
+
+    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield caught
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+def _check_pvc_readable(path: str) -> None:
+    """A PVC mount we may not list is a setup problem: say so (a missing one is the source's to report)."""
+    try:
+        os.listdir(path)
+    except PermissionError as e:
+        raise ConfigError(f"--source pvc:{path}: cannot read {path} as uid {os.getuid()} ({e.strerror})") from None
+    except OSError:
+        pass
+
+
+def describe_attempts(attempts: Sequence[tuple[str, BaseException]]) -> str:
+    """'label: error' per source, without repeating a label the error already starts with or names."""
+    parts = []
+    for label, err in attempts:
+        msg = str(err)
+        kind = label.split(":", 1)[0]
+        named = msg.startswith((f"{label}:", f"{kind}:")) or label in msg
+        parts.append(msg if named else f"{label}: {msg}")
+    return "; ".join(parts) or "no source configured"
 
 
 def cmd_fill(args: argparse.Namespace) -> int:
-    from agent.config import parse_sources, source_settings
-    from agent.core.spec import FileFilter, validate_repo_id, validate_revision, validate_subpath
+    from agent.cache.store import Store
+    from agent.config import check_writable_root, number, parse_sources, source_settings
+    from agent.core.spec import FileFilter, validate_glob, validate_repo_id, validate_revision, validate_subpath
     from agent.progress import for_terminal
     from agent.runtime.fill import FillFailed, fill_model
     from agent.sources.factory import for_model, open_sources
 
-    validate_repo_id(args.repo, "repo")
-    validate_revision(args.revision, "--revision")
+    _usage("repo", validate_repo_id, args.repo)
+    _usage("--revision", validate_revision, args.revision)
+    flt = FileFilter(tuple(_usage("--allow", validate_glob, g, "--allow") for g in args.allow),
+                     tuple(_usage("--ignore", validate_glob, g, "--ignore") for g in args.ignore))
+    lock_timeout = None if args.lock_timeout is None else number(args.lock_timeout, "--lock-timeout", lo=0, hi=WEEK)
     if args.pvc_subpath is not None:
-        validate_subpath(args.pvc_subpath, "--pvc-subpath")
+        _usage("--pvc-subpath", validate_subpath, args.pvc_subpath)
     if not args.source:
         print("fill: no --source given, using the default: hub (HF_ENDPOINT or huggingface.co)", file=sys.stderr)
     refs = parse_sources(args.source or ["hub"])
+    for ref in refs:
+        if ref.kind == "pvc":
+            _check_pvc_readable(ref.arg)
+    root, origin = _root(args)
+    store = Store(root, on_lock_wait=lambda repo, holder: print(
+        f"waiting for the lock on {repo}: another fill holds it ({holder})", file=sys.stderr, flush=True))
+    check_writable_root(root, [store.layout.hub, store.layout.staging_root, store.layout.manifests_root,
+                               store.layout.locks_root], origin)
     sources = for_model(open_sources(list(refs), source_settings(os.environ, token_file=args.token_file)),
                         pvc_subpath=args.pvc_subpath)
-    store = _store(args)
-    try:
-        res = fill_model(store, sources, args.repo, args.revision, FileFilter(tuple(args.allow), tuple(args.ignore)),
-                         progress=for_terminal(args.repo), lock_timeout=args.lock_timeout)
-    except FillFailed as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_PROBLEM
-    finally:
-        for s in sources:
-            s.close()
+    stop = threading.Event()
+    outcome: dict[str, Any] = {}
+
+    def work() -> None:
+        try:
+            outcome["result"] = fill_model(store, sources, args.repo, args.revision, flt,
+                                           progress=for_terminal(args.repo), lock_timeout=lock_timeout, stop=stop)
+        except BaseException as e:  # handed to the main thread, which reports it
+            outcome["error"] = e
+
+    worker = threading.Thread(target=work, name="fill", daemon=True)
+    with _stop_on_signals(stop) as caught:
+        worker.start()
+        while worker.is_alive() and not caught:
+            worker.join(0.1)  # short waits: the main thread must stay free to run signal handlers
+        if caught:
+            worker.join(STOP_GRACE)
+    err = outcome.get("error")
+    if caught and (worker.is_alive() or isinstance(err, Cancelled)):
+        return _stopped(args, store, caught[0], finished=not worker.is_alive())
+    for s in sources:  # finished (or failed) before the signal could stop it: report that as usual
+        s.close()
+    if isinstance(err, FillFailed):
+        return _fail(args, f"{args.repo}@{args.revision}: all sources failed: {describe_attempts(err.attempts)}",
+                     EXIT_PROBLEM)
+    if err is not None:
+        raise err
+    res = outcome["result"]
     m = res.manifest
     out = {"repo": m.repo, "revision": args.revision, "commit": m.commit, "files": len(m.files),
            "bytes": m.total_bytes, "fetched_files": res.fetched_files, "fetched_bytes": res.fetched_bytes,
@@ -165,17 +373,48 @@ def cmd_fill(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _stopped(args: argparse.Namespace, store: Any, signum: int, *, finished: bool) -> int:
+    """One line saying what a stopped fill kept; exits at once if the fill did not wind down in time."""
+    from agent.status import human_bytes, staged_bytes
+
+    code = 128 + signum
+    staged = store.layout.staging_dir(args.repo)
+    kept = staged_bytes(staged)
+    name = signal.Signals(signum).name
+    what = (f"kept {human_bytes(kept)} staged in {staged} for the next fill" if kept
+            else "nothing was staged yet")
+    if sys.stderr.isatty():
+        sys.stderr.write("\n")  # leave the progress bar's line
+    _fail(args, f"{args.repo}@{args.revision}: stopped by {name}; {what}", code, signal=name, staged_bytes=kept)
+    if not finished:  # a source that does not check the stop flag yet: exiting is as safe as a crash
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
+
+
+# --------------------------------------------------------------------------------------- verify, status
+
+
 def cmd_verify(args: argparse.Namespace) -> int:
-    store = _store(args)
-    if not store.layout.root.is_dir():
-        raise ConfigError(f"--cache-dir: {store.layout.root} does not exist")
-    manifests = [m for m in store.manifests() if not args.repo or m.repo == args.repo]
+    from agent.cache.store import Store
+    from agent.config import check_readable_root
+
+    if args.repo:
+        _usage("repo", _validate_repo, args.repo)
+    root, origin = _root(args)
+    has_content = check_readable_root(root, origin)
+    store = Store(root)
+    manifests = [m for m in store.manifests() if not args.repo or m.repo == args.repo] if has_content else []
     if args.repo and not manifests:
-        raise ConfigError(f"repo: {args.repo} is not in {store.layout.root}")
+        return _fail(args, f"{args.repo} is not in the cache at {root}", EXIT_PROBLEM)
+    if not manifests:
+        print(f"nothing to verify: no cached models in {root}")
+        return EXIT_OK
     bad = 0
+    mode = "full" if args.full else ("fast" if args.fast else "xxh3")
     for m in manifests:
         rep = store.check(m, deep=not args.fast, full=args.full)
-        mode = "full" if args.full else ("fast" if args.fast else "xxh3")
         if rep.ok:
             print(f"ok       {m.repo}@{m.commit[:12]} ({len(m.files)} files, {mode})")
         else:
@@ -186,57 +425,92 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return EXIT_PROBLEM if bad else EXIT_OK
 
 
+def _validate_repo(repo: str) -> str:
+    from agent.core.spec import validate_repo_id
+
+    return validate_repo_id(repo)
+
+
 def cmd_status(args: argparse.Namespace) -> int:
+    from agent.cache.store import Store
+    from agent.config import check_readable_root
     from agent.status import format_table, status_rows
 
-    store = _store(args)
-    rows = status_rows(store, args.repo)
+    if args.repo:
+        _usage("repo", _validate_repo, args.repo)
+    root, origin = _root(args)
+    has_content = check_readable_root(root, origin)
+    rows = status_rows(Store(root), args.repo) if has_content else []
+    if args.repo and not rows:
+        return _fail(args, f"{args.repo} is not in the cache at {root}", EXIT_PROBLEM)
     print(json.dumps(rows, indent=2) if args.json else format_table(rows))
     return EXIT_OK
+
+
+# ------------------------------------------------------------------------------------------- demo, run
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from agent.config import parse_size
     from agent.demo import run_demo
 
-    return run_demo(Path(args.dir) if args.dir else None, size=parse_size(args.size, "--size"), keep=args.keep)
+    size = parse_size(args.size, "--size", lo=4096, hi=64 << 30)
+    return run_demo(Path(args.dir) if args.dir else None, size=size, keep=args.keep)
+
+
+def check_port(host: str, port: int) -> None:
+    """The metrics port can be bound (as the server will: SO_REUSEADDR); else one line naming it."""
+    if port == 0:
+        return
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError) as e:
+        raise ConfigError(f"--metrics-host {host!r}: not an address ({e})") from None
+    family, _, _, _, addr = infos[0]
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(addr)
+        except OSError as e:
+            hint = " (another agent or program uses it?)" if e.errno == errno.EADDRINUSE else ""
+            raise ConfigError(f"--metrics-port {port} on {host}: cannot listen ({e.strerror}){hint}") from None
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from agent.config import load_run_settings
+    from agent.cache.store import Store
+    from agent.config import cache_dir_origin, check_writable_root, load_run_settings
 
     settings = load_run_settings(args, os.environ)
+    lay = Store(settings.cache_dir).layout
+    check_writable_root(settings.cache_dir, [lay.hub, lay.staging_root, lay.manifests_root, lay.locks_root],
+                        cache_dir_origin(args.cache_dir, os.environ))
+    if settings.models_file is not None and not settings.kubernetes:
+        from agent.models_file import ModelsFileProvider
+
+        ModelsFileProvider(settings.models_file, lambda _s: None).load()  # a bad file: exit 2 before starting
+    check_port(settings.metrics_host, settings.metrics_port)
     from agent.runtime.agent import run_agent
 
     return run_agent(settings)
 
 
-def format_coverage(nodes: list[tuple[str, dict[str, str]]], models: Sequence[str] = ()) -> str:
-    """A models x nodes table: 'ready' where the Node carries the label, '-' elsewhere (pure)."""
-    names = sorted({m for _, states in nodes for m in states} | set(models))
-    if not names:
-        return "no models labelled on any node"
-    node_names = [n for n, _ in nodes]
-    head = ["MODEL", *node_names, "READY"]
-    rows = []
-    for m in names:
-        cells = ["ready" if states.get(m) == "ready" else "-" for _, states in nodes]
-        rows.append([m, *cells, f"{cells.count('ready')}/{len(node_names)}"])
-    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in [head, *rows])
+# -------------------------------------------------------------------------------------------- coverage
 
 
 def cmd_coverage(args: argparse.Namespace) -> int:
-    from agent.k8s.client import make_api
-    from agent.k8s.coverage import read_coverage
+    import logging
 
-    api = make_api(args.kube_host or os.environ.get("MODEL_CACHE_KUBE_HOST") or None)
+    from agent.core.spec import validate_label_prefix
+    from agent.k8s.client import make_api
+    from agent.k8s.coverage import coverage_json, format_coverage, read_coverage
+
+    _usage("--label-prefix", validate_label_prefix, args.label_prefix)
+    logging.getLogger("urllib3").setLevel(logging.CRITICAL)  # its retry warnings: our one line says it all
+    host = args.kube_host or os.environ.get("MODEL_CACHE_KUBE_HOST") or None
+    api = make_api(host, request_timeout=10.0)
     try:
-        nodes = read_coverage(api, args.label_prefix)
+        cov = read_coverage(api, args.label_prefix)
     finally:
         api.close()
-    if args.json:
-        print(json.dumps({node: states for node, states in nodes}, indent=2, sort_keys=True))
-    else:
-        print(format_coverage(nodes))
+    print(json.dumps(coverage_json(cov), indent=2, sort_keys=True) if args.json else format_coverage(cov))
     return EXIT_OK

@@ -3,10 +3,16 @@
 Precedence: flag > environment > config file > default. Where the config file and the
 environment both set the cache dir and disagree, that is an error naming both values (a silent
 mismatch between a hostPath and a setting is how other agents re-downloaded forever).
+
+Every number goes through ``number`` or ``parse_size`` wherever it comes from (flag, file, env):
+nan, inf and values out of range are a ConfigError naming the setting, before anything starts
+(with nan a timer never fires, with inf a thread dies on ``OverflowError``).
 """
 
 from __future__ import annotations
 
+import errno
+import math
 import os
 import re
 from collections.abc import Mapping
@@ -18,25 +24,65 @@ import yaml
 
 from agent.core.actions import FILL_BACKOFF
 from agent.core.retry import RetryPolicy
-from agent.core.spec import LABEL_PREFIX_RE
-from agent.errors import ConfigError
+from agent.core.spec import validate_label_prefix
+from agent.errors import ConfigError, SpecError
 from agent.sources.base import SourceRef, SourceSettings, parse_source_ref
 
 DEFAULT_CACHE_DIR = "/var/lib/model-cache"
 DEFAULT_HF_TOKEN_FILE = "/var/run/secrets/hf/token"
 DEFAULT_MX_TOKEN_FILE = "/var/run/secrets/tokens/modelexpress"
-_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]i?)?b?\s*$", re.I)
+_SIZE_RE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([kmgtp]i?)?b?\s*", re.I | re.ASCII)
+SIZE_MAX = 1 << 60  # 1 EiB: anything bigger is a typo
+DAY = 86400.0
+YEAR = 365 * DAY
+LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
-def parse_size(value: str | int, field_name: str) -> int:
-    """'2G', '512Mi', '1048576' -> bytes (powers of 1024 either way)."""
-    if isinstance(value, int):
-        return value
-    m = _SIZE_RE.match(str(value))
+def number(value: object, field_name: str, *, lo: float, hi: float, integer: bool = False) -> float:
+    """A finite number in [lo, hi] from a flag, file or env value; anything else names the setting."""
+    kind = "a whole number" if integer else "a number"
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise ConfigError(f"{field_name}: {value!r} is not {kind}")
+    try:
+        if isinstance(value, str) and not value.strip().isascii():
+            raise ValueError(value)
+        v = float(value.strip()) if isinstance(value, str) else float(value)
+    except ValueError:
+        raise ConfigError(f"{field_name}: {value!r} is not {kind}") from None
+    if not math.isfinite(v):
+        raise ConfigError(f"{field_name}: {value!r} is not a finite number")
+    if integer and v != int(v):
+        raise ConfigError(f"{field_name}: {value!r} is not a whole number")
+    if not lo <= v <= hi:
+        raise ConfigError(f"{field_name}: {value!r} is out of range ({_fmt(lo)} to {_fmt(hi)})")
+    return v
+
+
+def _fmt(x: float) -> str:
+    return str(int(x)) if x == int(x) else str(x)
+
+
+def parse_size(value: object, field_name: str, *, lo: int = 0, hi: int = SIZE_MAX) -> int:
+    """'2G', '512Mi', '1048576' -> bytes (powers of 1024 either way), in [lo, hi]."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return int(number(value, field_name, lo=lo, hi=hi, integer=True))
+    m = _SIZE_RE.fullmatch(value) if isinstance(value, str) else None
     if not m:
         raise ConfigError(f"{field_name}: {value!r} is not a size like 500M, 2G or 1048576")
-    mult = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}[(m.group(2) or "")[:1].lower()]
-    return int(float(m.group(1)) * mult)
+    mult = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40, "p": 1 << 50}[
+        (m.group(2) or "")[:1].lower()]
+    size = int(float(m.group(1)) * mult)
+    if not lo <= size <= hi:
+        raise ConfigError(f"{field_name}: {value!r} is out of range ({lo} to {hi} bytes)")
+    return size
+
+
+def log_level(value: str | None, field_name: str = "--log-level") -> str | None:
+    if value is None:
+        return None
+    if value.strip().lower() not in LOG_LEVELS:
+        raise ConfigError(f"{field_name}: {value!r} is not a log level ({', '.join(LOG_LEVELS)})")
+    return value.strip().lower()
 
 
 def read_hf_token(token_file: str | None, env: Mapping[str, str]) -> str | None:
@@ -66,6 +112,9 @@ def source_settings(env: Mapping[str, str], *, token_file: str | None = None,
 
 
 def parse_sources(values: list[str] | tuple[str, ...]) -> tuple[SourceRef, ...]:
+    for v in values:
+        if not isinstance(v, str) or any(ord(c) < 32 or ord(c) == 0x7F for c in v):
+            raise ConfigError(f"--source {v!r}: holds a control character")
     refs = tuple(parse_source_ref(v) for v in values)
     kinds = [r.kind for r in refs]
     dup = {k for k in kinds if kinds.count(k) > 1 and k != "pvc"}
@@ -85,10 +134,75 @@ def cache_dir_from(flag: str | None, env: Mapping[str, str], file_value: str | N
         )
     else:
         value = env_value or file_value or DEFAULT_CACHE_DIR
+    if any(ord(c) < 32 for c in value):
+        raise ConfigError(f"--cache-dir {value!r}: holds a control character")
     path = Path(value)
     if not path.is_absolute():
         path = Path.cwd() / path
     return path
+
+
+def cache_dir_origin(flag: str | None, env: Mapping[str, str], file_value: str | None = None) -> str:
+    """Where the cache dir came from, for error messages ('--cache-dir', 'MODEL_CACHE_DIR', ...)."""
+    if flag:
+        return "--cache-dir"
+    if env.get("MODEL_CACHE_DIR"):
+        return "MODEL_CACHE_DIR"
+    if file_value:
+        return "config cacheDir"
+    return "cache dir (the default; set --cache-dir or MODEL_CACHE_DIR)"
+
+
+def _why(e: OSError) -> str:
+    return e.strerror or type(e).__name__
+
+
+def check_writable_root(root: Path, dirs: list[Path], origin: str) -> None:
+    """The cache root can be created and written: one ConfigError naming the path and the cause.
+
+    ``dirs`` (hub/, .agent/staging, .agent/locks, ...) are created, and a file is created and
+    removed in each, so a read-only mount, a full inode table or a locks folder we may not write
+    is reported now, not as a traceback halfway through a fill.
+    """
+    if root.exists() and not root.is_dir():
+        raise ConfigError(f"{origin} {root}: is not a directory")
+    for d in [root, *dirs]:
+        try:
+            d.mkdir(parents=True, exist_ok=True)
+        except FileExistsError:
+            raise ConfigError(f"{origin} {root}: cannot create {d}: a file is in the way") from None
+        except OSError as e:
+            raise ConfigError(f"{origin} {root}: cannot create {e.filename or d} ({_why(e)})") from e
+        probe = d / f".write-test-{os.getpid()}"
+        try:
+            os.close(os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+            probe.unlink()
+        except OSError as e:
+            who = f" by uid {os.getuid()}" if e.errno in (errno.EACCES, errno.EPERM) else ""
+            raise ConfigError(f"{origin} {root}: cannot create files in {d}{who} ({_why(e)})") from e
+
+
+def check_readable_root(root: Path, origin: str) -> bool:
+    """The path is an agent root we can read; False when it holds nothing yet (a fresh, empty root).
+
+    The common mistake is pointing at ``hub/`` (what workers mount) instead of its parent.
+    """
+    if not root.exists():
+        raise ConfigError(f"{origin} {root}: does not exist")
+    if not root.is_dir():
+        raise ConfigError(f"{origin} {root}: is not a directory")
+    try:
+        names = set(os.listdir(root))
+    except OSError as e:
+        raise ConfigError(f"{origin} {root}: cannot read ({_why(e)})") from e
+    if "hub" in names or ".agent" in names:
+        return True
+    if any(n.startswith(("models--", "datasets--", "spaces--")) for n in names):
+        raise ConfigError(f"{origin} {root}: this is a hub/ folder, not the agent root; use its parent "
+                          f"{root.parent}")
+    if names:
+        raise ConfigError(f"{origin} {root}: not an agent cache root (no hub/ or .agent/ inside)")
+    return False
 
 
 @dataclass(frozen=True)
@@ -124,11 +238,47 @@ class RunSettings:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-_FILE_KEYS = {
-    "cacheDir", "sources", "labelPrefix", "metricsPort", "workers", "scrubInterval", "scrubBytesPerSecond",
-    "fullScrubInterval", "diskBudgetBytes", "evictMinAgeSeconds", "terminationBudgetSeconds", "checkInterval",
-    "resyncSeconds", "drainGraceSeconds", "keepUndesired", "highWatermark", "lowWatermark",
+@dataclass(frozen=True)
+class Numeric:
+    """One numeric setting of ``run``: its flag (if any), config-file key, default and allowed range."""
+
+    flag: str | None
+    key: str
+    default: float
+    lo: float
+    hi: float
+    integer: bool = False
+    size: bool = False  # bytes, written like 500M / 2G
+
+    @property
+    def name(self) -> str:
+        return self.flag or self.key
+
+    def parse(self, value: object) -> float:
+        if self.size:
+            return parse_size(value, self.name, lo=int(self.lo), hi=int(self.hi))
+        v = number(value, self.name, lo=self.lo, hi=self.hi, integer=self.integer)
+        return int(v) if self.integer else v
+
+
+# RunSettings field -> how to read it. Every numeric setting of `run` is here, so each is range-checked.
+RUN_NUMBERS: dict[str, Numeric] = {
+    "metrics_port": Numeric("--metrics-port", "metricsPort", 9400, 0, 65535, integer=True),
+    "workers": Numeric("--workers", "workers", 2, 1, 64, integer=True),
+    "check_interval": Numeric("--check-interval", "checkInterval", 60.0, 0.1, DAY),
+    "scrub_interval": Numeric("--scrub-interval", "scrubInterval", 6 * 3600.0, 0, YEAR),
+    "scrub_bytes_per_second": Numeric("--scrub-rate", "scrubBytesPerSecond", 200 << 20, 0, SIZE_MAX, size=True),
+    "disk_budget_bytes": Numeric("--disk-budget", "diskBudgetBytes", 0, 0, SIZE_MAX, size=True),
+    "resync_seconds": Numeric(None, "resyncSeconds", 300.0, 1, DAY),
+    "full_scrub_interval": Numeric(None, "fullScrubInterval", 0.0, 0, YEAR),
+    "termination_budget": Numeric(None, "terminationBudgetSeconds", 45.0, 0, 3600),
+    "evict_min_age": Numeric(None, "evictMinAgeSeconds", 600.0, 0, YEAR),
+    "drain_grace": Numeric("--drain-grace", "drainGraceSeconds", 300.0, 0, YEAR),
+    "high_watermark": Numeric(None, "highWatermark", 0.85, 0, 1),
+    "low_watermark": Numeric(None, "lowWatermark", 0.75, 0, 1),
 }
+
+_FILE_KEYS = {"cacheDir", "sources", "labelPrefix", "keepUndesired", *(n.key for n in RUN_NUMBERS.values())}
 
 
 def load_config_file(path: str | None) -> dict[str, Any]:
@@ -148,16 +298,6 @@ def load_config_file(path: str | None) -> dict[str, Any]:
     return data
 
 
-def _num(value: Any, field_name: str, *, minimum: float = 0) -> float:
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{field_name}: {value!r} is not a number") from None
-    if v < minimum:
-        raise ConfigError(f"{field_name}: {value!r} must be >= {minimum}")
-    return v
-
-
 def load_run_settings(args: Any, env: Mapping[str, str]) -> RunSettings:
     """Build RunSettings from parsed argparse args + env; every error names the flag or key."""
     f = load_config_file(getattr(args, "config", None))
@@ -169,12 +309,14 @@ def load_run_settings(args: Any, env: Mapping[str, str]) -> RunSettings:
         raise ConfigError("--source: at least one source is needed (pvc:PATH, modelexpress[:ADDR], hub)")
     sources = parse_sources(source_values)
     prefix = args.label_prefix or env.get("MODEL_CACHE_LABEL_PREFIX") or f.get("labelPrefix") or "modelcache.dev"
-    if not LABEL_PREFIX_RE.match(prefix):
-        raise ConfigError(f"--label-prefix: {prefix!r} is not a DNS subdomain")
-    port = int(_num(args.metrics_port if args.metrics_port is not None else f.get("metricsPort", 9400),
-                    "--metrics-port"))
-    if port > 65535:
-        raise ConfigError(f"--metrics-port: {port} is not a port")
+    try:
+        validate_label_prefix(prefix)
+    except SpecError as e:
+        raise ConfigError(str(e)) from None
+    numbers: dict[str, Any] = {}
+    for attr, setting in RUN_NUMBERS.items():
+        flag_value = getattr(args, attr, None) if setting.flag else None
+        numbers[attr] = setting.parse(flag_value if flag_value is not None else f.get(setting.key, setting.default))
     kubernetes = not args.no_kubernetes
     node_name = args.node_name or env.get("NODE_NAME") or ""
     if kubernetes and not node_name:
@@ -182,7 +324,6 @@ def load_run_settings(args: Any, env: Mapping[str, str]) -> RunSettings:
     models_file = Path(args.models_file) if args.models_file else None
     if not kubernetes and models_file is None:
         raise ConfigError("--models-file: required with --no-kubernetes")
-    workers = int(_num(args.workers if args.workers is not None else f.get("workers", 2), "--workers", minimum=1))
     return RunSettings(
         cache_dir=cache_dir,
         sources=sources,
@@ -192,38 +333,19 @@ def load_run_settings(args: Any, env: Mapping[str, str]) -> RunSettings:
         models_file=models_file,
         kube_host=args.kube_host or env.get("MODEL_CACHE_KUBE_HOST") or None,
         label_prefix=prefix,
-        metrics_port=port,
         metrics_host=args.metrics_host,
-        workers=workers,
-        resync_seconds=_num(f.get("resyncSeconds", 300), "resyncSeconds", minimum=1),
-        check_interval=_num(args.check_interval if args.check_interval is not None else f.get("checkInterval", 60),
-                            "--check-interval", minimum=0.1),
-        scrub_interval=_num(args.scrub_interval if args.scrub_interval is not None
-                            else f.get("scrubInterval", 6 * 3600), "--scrub-interval"),
-        scrub_bytes_per_second=parse_size(
-            args.scrub_rate if args.scrub_rate is not None else f.get("scrubBytesPerSecond", 200 << 20),
-            "--scrub-rate"),
-        full_scrub_interval=_num(f.get("fullScrubInterval", 0), "fullScrubInterval"),
-        disk_budget_bytes=parse_size(
-            args.disk_budget if args.disk_budget is not None else f.get("diskBudgetBytes", 0), "--disk-budget"),
-        termination_budget=_num(f.get("terminationBudgetSeconds", 45), "terminationBudgetSeconds"),
-        evict_min_age=_num(f.get("evictMinAgeSeconds", 600), "evictMinAgeSeconds"),
-        **_eviction_settings(args, f),
+        **numbers,
+        **_eviction_settings(args, f, numbers["high_watermark"], numbers["low_watermark"]),
     )
 
 
-def _eviction_settings(args: Any, f: dict[str, Any]) -> dict[str, Any]:
-    grace = getattr(args, "drain_grace", None)
-    high = _num(f.get("highWatermark", 0.85), "highWatermark")
-    low = _num(f.get("lowWatermark", 0.75), "lowWatermark")
+def _eviction_settings(args: Any, f: dict[str, Any], high: float, low: float) -> dict[str, Any]:
     if not 0 < low <= high <= 1:
         raise ConfigError(f"lowWatermark {low} / highWatermark {high}: need 0 < low <= high <= 1")
     keep = f.get("keepUndesired", False)
     if not isinstance(keep, bool):
         raise ConfigError(f"keepUndesired: {keep!r} must be true or false")
     in_use = getattr(args, "in_use_file", None)
-    return {
-        "drain_grace": _num(grace if grace is not None else f.get("drainGraceSeconds", 300), "drainGraceSeconds"),
-        "keep_undesired": keep, "high_watermark": high, "low_watermark": low,
-        "in_use_file": Path(in_use) if in_use else None,
-    }
+    if in_use is not None and any(ord(c) < 32 for c in in_use):
+        raise ConfigError(f"--in-use-file {in_use!r}: holds a control character")
+    return {"keep_undesired": keep, "in_use_file": Path(in_use) if in_use else None}

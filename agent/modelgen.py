@@ -1,9 +1,14 @@
 """Make small but real Hugging Face models on disk (for the demo, tests and benchmarks; no network).
 
 A model is a folder of real files: ``config.json``, a WordLevel ``tokenizer.json`` that the
-``tokenizers`` library loads, and safetensors weights written with the ``safetensors`` package
-(sharded with an index when asked). ``write_hub_layout`` then lays such a folder out as a Hub cache
-(blobs named by sha256 / git sha1, relative snapshot symlinks, refs), as a Download Job leaves a PVC.
+``tokenizers`` library loads, and safetensors weights (sharded with an index when asked).
+``write_hub_layout`` then lays such a folder out as a Hub cache (blobs named by sha256 / git sha1,
+relative snapshot symlinks, refs), as a Download Job leaves a PVC.
+
+The safetensors files are written here, not with the ``safetensors`` package, so the agent needs
+neither it nor numpy at run time. The format is small: an 8-byte little-endian header length, a
+JSON header (per tensor: dtype, shape, byte offsets into the data; padded with spaces to 8 bytes),
+then the raw tensor bytes back to back. A test loads our files with the real library.
 """
 
 from __future__ import annotations
@@ -12,17 +17,21 @@ import hashlib
 import json
 import os
 import shutil
-from collections.abc import Iterable, Mapping
+import struct
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-
-import numpy as np
-from safetensors.numpy import save_file
 
 from agent.cache.hashing import hash_file
 from agent.cache.layout import blob_link_target, repo_folder_name
 from agent.core.plan import guess_algo
 
 MiB = 1024 * 1024
+CHUNK = 4 * MiB
+# float16 little-endian: clearing bit 6 of the high byte keeps the exponent below 31 (no inf/nan)
+# and every value in (-2, 2), like small random weights.
+_FINITE_F16_HIGH = bytes(b & 0xBF for b in range(256))
+F16_ONE = b"\x00\x3c"
 VOCAB = ["[UNK]", "[PAD]", "<s>", "</s>", "hello", "world", "model", "cache", "node", "warm", "gpu", "fast"]
 
 
@@ -43,6 +52,43 @@ def _tokenizer() -> dict[str, object]:
     }
 
 
+@dataclass(frozen=True)
+class Tensor:
+    name: str
+    dtype: str  # safetensors dtype code: F16, F32, I64, ...
+    shape: tuple[int, ...]
+    nbytes: int
+    data: Iterable[bytes]  # exactly ``nbytes`` in total, streamed so big shards never sit in memory
+
+
+def f16_noise(seed: bytes, nbytes: int) -> Iterator[bytes]:
+    """Deterministic pseudo-random finite float16 bytes (SHAKE-128 of the seed, chunk by chunk)."""
+    for i, off in enumerate(range(0, nbytes, CHUNK)):
+        buf = bytearray(hashlib.shake_128(seed + i.to_bytes(8, "little")).digest(min(CHUNK, nbytes - off)))
+        buf[1::2] = buf[1::2].translate(_FINITE_F16_HIGH)
+        yield bytes(buf)
+
+
+def write_safetensors(path: Path, tensors: Sequence[Tensor], metadata: Mapping[str, str] | None = None) -> None:
+    """Write a safetensors file: header length (u64 LE), JSON header padded to 8 bytes, tensor bytes."""
+    header: dict[str, object] = {"__metadata__": dict(metadata)} if metadata else {}
+    offset = 0
+    for t in tensors:
+        header[t.name] = {"dtype": t.dtype, "shape": list(t.shape), "data_offsets": [offset, offset + t.nbytes]}
+        offset += t.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)) + raw)
+        for t in tensors:
+            written = 0
+            for chunk in t.data:
+                f.write(chunk)
+                written += len(chunk)
+            if written != t.nbytes:
+                raise ValueError(f"{path}: tensor {t.name} has {written} bytes, its header says {t.nbytes}")
+
+
 def make_model_dir(
     dest: Path, *, weight_bytes: int = 50 * MiB, shards: int = 1, seed: int = 0, nested: bool = True,
 ) -> list[str]:
@@ -52,7 +98,6 @@ def make_model_dir(
     together they hold about ``weight_bytes`` bytes.
     """
     dest.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
     hidden = 64
     layers = max(shards, 1)
     written: list[str] = []
@@ -82,12 +127,15 @@ def make_model_dir(
         elems = per_shard // 2
         rows = max(elems // hidden, 1)
         tensor_name = f"model.layers.{i}.mlp.weight"
-        arr = rng.standard_normal((rows, hidden), dtype=np.float32).astype(np.float16)
-        save_file({tensor_name: arr, f"model.layers.{i}.norm.weight": np.ones(hidden, np.float16)},
-                  str(dest / name), metadata={"format": "pt"})
+        norm_name = f"model.layers.{i}.norm.weight"
+        write_safetensors(dest / name, [
+            Tensor(tensor_name, "F16", (rows, hidden), rows * hidden * 2,
+                   f16_noise(f"{seed}/{name}".encode(), rows * hidden * 2)),
+            Tensor(norm_name, "F16", (hidden,), hidden * 2, [F16_ONE * hidden]),
+        ], metadata={"format": "pt"})
         written.append(name)
         weight_map[tensor_name] = name
-        weight_map[f"model.layers.{i}.norm.weight"] = name
+        weight_map[norm_name] = name
     if shards > 1:
         total = sum((dest / n).stat().st_size for n in names)
         put("model.safetensors.index.json", json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}))

@@ -1,9 +1,16 @@
 """Desired models from a YAML file (``--models-file``), for clusters without the CRD or no cluster.
 
 Accepted shapes: a list of CachedModel objects or of bare specs each with a ``name``; a mapping with
-``models:``; or several YAML documents (``---``) as ``kubectl get -o yaml`` writes them. A broken
-entry is reported by name and field and the others still apply; a file that does not parse at all
-keeps the last good state (losing every model because of one typo would evict a warm cache).
+``models:``; or several YAML documents (``---``) as ``kubectl get -o yaml`` writes them
+(``manifests/examples/models.yaml`` shows each). Every entry is checked against the CachedModel
+CRD's schema (``agent.core.schema``): an unknown key such as ``revison`` is an error naming the key
+and the model, as ``kubectl apply`` would refuse that CachedModel.
+
+Like an API server refusing a bad update, a reload never makes things worse: an entry that turns
+invalid keeps its last good spec, and a file that no longer reads or parses (bad YAML, not UTF-8)
+keeps the whole last good state (losing every model because of one typo would evict a warm cache).
+Each distinct error is logged once, not on every reload. A new entry that is invalid from the start
+is reported as ``invalid`` in the node status; the others still apply.
 """
 
 from __future__ import annotations
@@ -25,6 +32,15 @@ from agent.errors import ConfigError, SpecError
 log = structlog.get_logger("agent.models_file")
 
 
+def decode(data: bytes, source: str) -> str:
+    """The file's text; anything but UTF-8 is a ConfigError naming the first bad byte."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{source}: not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start}); "
+                          "save it as UTF-8") from None
+
+
 def parse_models(text: str, source: str) -> DesiredState:
     """Parse the file's text into a DesiredState (raises ConfigError when it is not a list of models)."""
     try:
@@ -33,7 +49,11 @@ def parse_models(text: str, source: str) -> DesiredState:
         raise ConfigError(f"{source}: invalid YAML: {e}") from e
     items: list[Any] = []
     for d in docs:
-        if isinstance(d, dict) and "models" in d and isinstance(d["models"], list):
+        if isinstance(d, dict) and "models" in d:
+            if not isinstance(d["models"], list) or set(d) != {"models"}:
+                extra = sorted(str(k) for k in set(d) - {"models"})
+                raise ConfigError(f"{source}: 'models' must be a list and the only top-level key"
+                                  + (f" (also found {extra})" if extra else ""))
             items.extend(d["models"])
         elif isinstance(d, dict) and d.get("kind") == "List":
             items.extend(d.get("items") or [])
@@ -46,15 +66,15 @@ def parse_models(text: str, source: str) -> DesiredState:
     models: dict[str, ModelSpec] = {}
     errors: dict[str, SpecError] = {}
     for i, item in enumerate(items):
-        where = f"{source}[{i}]."
+        name = _name_of(item)
+        where = f"{source}: model {name!r}: " if name else f"{source}: entry {i + 1}: "
         try:
             spec = parse_model_spec(item, where=where)
         except SpecError as e:
-            name = _name_of(item) or f"entry-{i}"
-            errors[name] = e
+            errors[name or f"entry-{i + 1}"] = e
             continue
         if spec.name in models:
-            errors[spec.name] = SpecError(f"{where}name", f"duplicate model name {spec.name!r}")
+            errors[spec.name] = SpecError(f"{where}name", "the same name appears twice")
             continue
         models[spec.name] = spec
     return DesiredState(models=models, errors=errors, synced=True)
@@ -121,34 +141,63 @@ class ModelsFileProvider:
         self.path = path
         self.on_change = on_change
         self._last_text: str | None = None
+        self._last_good: DesiredState | None = None
+        self._logged: set[str] = set()  # errors already logged (each once, until the file is clean)
         self._mu = threading.Lock()
         self._watcher = FileWatcher(path, self.reload)
 
-    def load(self) -> DesiredState:
-        """First read: a missing or broken file at start is a configuration error."""
+    def _read(self) -> str:
         try:
-            text = self.path.read_text()
+            data = self.path.read_bytes()
         except OSError as e:
             raise ConfigError(f"--models-file {self.path}: cannot read ({e.strerror})") from e
-        state = parse_models(text, str(self.path))
-        self._last_text = text
+        return decode(data, f"--models-file {self.path}")
+
+    def _log_once(self, event: str, error: str, **kw: object) -> None:
+        if error not in self._logged:
+            self._logged.add(error)
+            log.error(event, error=error, **kw)
+
+    def _keep_last_good(self, state: DesiredState) -> DesiredState:
+        """An entry that turned invalid keeps its last good spec (its error is logged, once)."""
+        last = self._last_good.models if self._last_good else {}
+        models = dict(state.models)
+        errors: dict[str, SpecError] = {}
+        for name, err in state.errors.items():
+            if name in last and name not in models:
+                models[name] = last[name]
+                self._log_once("models_file.entry_invalid_kept_last_good", str(err), model=name)
+            else:
+                errors[name] = err
+                self._log_once("models_file.entry_invalid", str(err), model=name)
+        if not state.errors:
+            self._logged.clear()  # clean again: the same mistake later is news
+        return DesiredState(models=models, errors=errors, pins=state.pins, synced=state.synced)
+
+    def load(self) -> DesiredState:
+        """First read: a missing, unreadable, non-UTF-8 or unparsable file at start is a configuration error."""
+        text = self._read()
+        state = self._keep_last_good(parse_models(text, str(self.path)))
+        self._last_text, self._last_good = text, state
         return state
 
     def reload(self) -> None:
         with self._mu:
             try:
-                text = self.path.read_text()
-            except OSError as e:
-                log.error("models_file.unreadable", path=str(self.path), error=e.strerror)
+                text = self._read()
+            except ConfigError as e:
+                self._log_once("models_file.unreadable_kept_last_good", str(e))
                 return
             if text == self._last_text:
                 return
+            self._last_text = text  # a bad text is not parsed (nor logged) again on the next event
             try:
                 state = parse_models(text, str(self.path))
             except ConfigError as e:
-                log.error("models_file.invalid_kept_last_good", error=str(e))
+                self._log_once("models_file.invalid_kept_last_good", str(e))
                 return
-            self._last_text = text
+            state = self._keep_last_good(state)
+            self._last_good = state
         log.info("models_file.reloaded", models=sorted(state.models), errors=sorted(state.errors))
         self.on_change(state)
 

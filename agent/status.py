@@ -1,15 +1,52 @@
-"""What is in a cache, as rows for ``status`` (table or JSON). Pure formatting over store reads."""
+"""What is in a cache, as rows for ``status`` (table or JSON). Pure formatting over store reads.
+
+Besides published snapshots, each row says how many bytes an unfinished fill left staged for that
+repo (``.agent/staging/<repo-folder>``): after Ctrl-C this is what the next fill can build on.
+"""
 
 from __future__ import annotations
 
 import datetime as dt
+import os
+from pathlib import Path
 from typing import Any
 
+from agent.cache.layout import repo_from_folder_name
 from agent.cache.store import Store
+
+
+def staged_bytes(folder: Path) -> int:
+    """Bytes of every file under ``folder`` (0 if it does not exist); symlinks are not followed."""
+    total = 0
+    for dirpath, _dirs, files in os.walk(folder):
+        for name in files:
+            try:
+                total += os.lstat(os.path.join(dirpath, name)).st_size
+            except OSError:
+                continue
+    return total
+
+
+def staged_by_repo(store: Store) -> dict[str, int]:
+    """{repo: staged bytes} for every repo with something in staging."""
+    root = store.layout.staging_root
+    out: dict[str, int] = {}
+    try:
+        entries = sorted(os.scandir(root), key=lambda e: e.name)
+    except OSError:
+        return out
+    for e in entries:
+        repo = repo_from_folder_name(e.name)
+        if repo is not None and e.is_dir(follow_symlinks=False):
+            size = staged_bytes(Path(e.path))
+            if size:
+                out[repo] = size
+    return out
 
 
 def status_rows(store: Store, repo: str | None = None) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
+    staged = staged_by_repo(store)
     for m in store.manifests():
         if repo and m.repo != repo:
             continue
@@ -20,12 +57,17 @@ def status_rows(store: Store, repo: str | None = None) -> list[dict[str, Any]]:
             "commit": m.commit,
             "files": len(m.files),
             "bytes": m.total_bytes,
+            "staged_bytes": staged.pop(m.repo, 0),
             "level": m.level,
             "verified_at": dt.datetime.fromtimestamp(m.verified_at, dt.UTC).isoformat(timespec="seconds"),
             "source": m.source,
             "state": "ok" if rep.ok else "damaged",
             "problems": rep.problems(),
         })
+    for name, size in staged.items():  # a fill that never published: only staged bytes so far
+        if not repo or name == repo:
+            rows.append({"repo": name, "revisions": [], "commit": "", "files": 0, "bytes": 0, "staged_bytes": size,
+                         "level": "", "verified_at": "", "source": "", "state": "partial", "problems": []})
     return rows
 
 
@@ -38,10 +80,11 @@ def human_bytes(n: float) -> str:
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
-    head = ["REPO", "REVISIONS", "COMMIT", "FILES", "SIZE", "LEVEL", "VERIFIED-AT", "STATE"]
+    head = ["REPO", "REVISIONS", "COMMIT", "FILES", "SIZE", "STAGED", "LEVEL", "VERIFIED-AT", "STATE"]
     body = [
-        [r["repo"], ",".join(r["revisions"]) or "-", r["commit"][:12], str(r["files"]), human_bytes(r["bytes"]),
-         r["level"], r["verified_at"], r["state"]]
+        [r["repo"], ",".join(r["revisions"]) or "-", r["commit"][:12] or "-", str(r["files"]), human_bytes(r["bytes"]),
+         human_bytes(r["staged_bytes"]) if r["staged_bytes"] else "-", r["level"] or "-", r["verified_at"] or "-",
+         r["state"]]
         for r in rows
     ]
     if not body:

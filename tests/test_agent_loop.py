@@ -79,7 +79,7 @@ def test_bad_entry_is_named_and_others_still_fill(pvc: Path, tmp_path: Path,
     with running_agent(settings_for(tmp_path / "cache", mf, [f"pvc:{pvc}"])) as agent:
         wait_until(lambda: agent.ready() == {"model-a"}, 15)
         err = agent.node_status()["models"]["broken"]
-        assert err["state"] == "invalid" and "[1].repo" in err["error"]
+        assert err["state"] == "invalid" and "model 'broken': repo" in err["error"]
         # a file that no longer parses keeps the last good state: the reload ran, said so, changed nothing
         mf.write_text("- name: [unclosed\n")
         wait_until(lambda: "models_file.invalid_kept_last_good" in capsys.readouterr().out, 10)
