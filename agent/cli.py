@@ -215,7 +215,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except AgentError as e:
         return _fail(args, str(e), EXIT_PROBLEM)
     except KeyboardInterrupt:
-        return 128 + signal.SIGINT
+        return _fail(args, "interrupted (SIGINT)", 128 + signal.SIGINT)
     except OSError as e:
         where = f" ({e.filename})" if e.filename else ""
         return _fail(args, f"{e.strerror or e}{where}", EXIT_PROBLEM, exc=e)
@@ -505,9 +505,10 @@ def cmd_coverage(args: argparse.Namespace) -> int:
     from agent.k8s.coverage import coverage_json, format_coverage, read_coverage
 
     _usage("--label-prefix", validate_label_prefix, args.label_prefix)
-    logging.getLogger("urllib3").setLevel(logging.CRITICAL)  # its retry warnings: our one line says it all
     host = args.kube_host or os.environ.get("MODEL_CACHE_KUBE_HOST") or None
     api = make_api(host, request_timeout=10.0)
+    if args.log_level != "debug":  # after make_api: the client's Configuration resets this logger's level
+        logging.getLogger("urllib3").setLevel(logging.CRITICAL)  # its retry warnings: our one line says it all
     try:
         cov = read_coverage(api, args.label_prefix)
     finally:

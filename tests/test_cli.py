@@ -410,7 +410,12 @@ def test_signal_during_fill_stops_within_2s_and_says_what_was_kept(big_pvc: PvcM
     cache = tmp_path / "c"
     staging = cache / ".agent" / "staging" / repo_folder_name(big_pvc.repo)
     p = _start_fill(big_pvc, cache)
-    _wait_for(lambda: any(f.stat().st_size > 0 for f in staging.rglob("*.part")) if staging.is_dir() else False)
+    def copying() -> bool:  # a .part file with bytes in it (small files finish and move away meanwhile)
+        with contextlib.suppress(OSError):
+            return any(f.stat().st_size > 0 for f in staging.rglob("*.part"))
+        return False
+
+    _wait_for(lambda: staging.is_dir() and copying())
     t0 = time.monotonic()
     p.send_signal(sig)
     _out, err = p.communicate(timeout=10)

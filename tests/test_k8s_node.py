@@ -214,11 +214,12 @@ def test_stop_ends_run_loop_promptly_even_with_long_heartbeat(api: KubeApi) -> N
 def test_read_coverage_from_node_labels(kube: KubeEmulator, api: KubeApi) -> None:
     kube.create_node("gpu-2", {f"{P}/qwen": "ready", "zone": "b"})
     kube.create_node("cpu-1", {"zone": "b"})
-    assert read_coverage(api, P) == [
-        ("cpu-1", {}),
-        ("gpu-1", {"stale-model": "ready"}),
-        ("gpu-2", {"qwen": "ready"}),
-    ]
+    cov = read_coverage(api, P, page=1)  # one node per page: the continue token is followed
+    assert cov.nodes == ("cpu-1", "gpu-1", "gpu-2")
+    assert {m.name: (m.ready, m.missing) for m in cov.models} == {
+        "qwen": (("gpu-2",), ("cpu-1", "gpu-1")),
+        "stale-model": (("gpu-1",), ("cpu-1", "gpu-2")),
+    }
 
 
 @pytest.mark.slow
