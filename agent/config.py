@@ -285,16 +285,25 @@ def load_config_file(path: str | None) -> dict[str, Any]:
     if not path:
         return {}
     try:
-        data = yaml.safe_load(Path(path).read_text()) or {}
+        raw = Path(path).read_bytes()
+        data = yaml.safe_load(raw.decode("utf-8")) or {}
     except OSError as e:
         raise ConfigError(f"--config {path}: cannot read ({e.strerror})") from e
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"--config {path}: not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start})") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"--config {path}: invalid YAML: {e}") from e
     if not isinstance(data, dict):
         raise ConfigError(f"--config {path}: must be a mapping")
     unknown = set(data) - _FILE_KEYS
     if unknown:
-        raise ConfigError(f"--config {path}: unknown keys {sorted(unknown)} (known: {sorted(_FILE_KEYS)})")
+        raise ConfigError(f"--config {path}: unknown keys {sorted(map(str, unknown))} (known: {sorted(_FILE_KEYS)})")
+    sources = data.get("sources")
+    if sources is not None and (not isinstance(sources, list) or not all(isinstance(x, str) for x in sources)):
+        raise ConfigError(f"--config {path}: sources must be a list of strings like [pvc:/mnt/shared, hub]")
+    for key in ("cacheDir", "labelPrefix"):
+        if key in data and not isinstance(data[key], str):
+            raise ConfigError(f"--config {path}: {key} must be a string")
     return data
 
 

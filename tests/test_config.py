@@ -138,3 +138,17 @@ def test_readable_root_rules(tmp_path: Path) -> None:
     (tmp_path / "other" / "notes.txt").write_text("x")
     with pytest.raises(ConfigError, match=r"not an agent cache root \(no hub/ or \.agent/ inside\)"):
         check_readable_root(tmp_path / "other", "--cache-dir")
+
+
+def test_config_file_problems_name_the_file_and_key(tmp_path: Path) -> None:
+    cfg = tmp_path / "config.yaml"
+    cases = {b"sources: hub\n": "sources must be a list of strings",
+             b"labelPrefix: 5\n": "labelPrefix must be a string",
+             b"metricsPort: 9400\ncheckIntervall: 5\n": "unknown keys ['checkIntervall']",
+             b"cacheDir: /c\xff\n": "not UTF-8 text (byte 0xff at offset 12)",
+             b"- a\n": "must be a mapping"}
+    for text, needle in cases.items():
+        cfg.write_bytes(text)
+        with pytest.raises(ConfigError) as ei:
+            load_run_settings(run_args("--config", str(cfg)), ENV)
+        assert str(ei.value).startswith(f"--config {cfg}: ") and needle in str(ei.value)
