@@ -326,8 +326,7 @@ def cmd_fill(args: argparse.Namespace) -> int:
         if ref.kind == "pvc":
             _check_pvc_readable(ref.arg)
     root, origin = _root(args)
-    store = Store(root, on_lock_wait=lambda repo, holder: print(
-        f"waiting for the lock on {repo}: another fill holds it ({holder})", file=sys.stderr, flush=True))
+    store = Store(root)
     check_writable_root(root, [store.layout.hub, store.layout.staging_root, store.layout.manifests_root,
                                store.layout.locks_root], origin)
     sources = for_model(open_sources(list(refs), source_settings(os.environ, token_file=args.token_file)),
@@ -338,7 +337,10 @@ def cmd_fill(args: argparse.Namespace) -> int:
     def work() -> None:
         try:
             outcome["result"] = fill_model(store, sources, args.repo, args.revision, flt,
-                                           progress=for_terminal(args.repo), lock_timeout=lock_timeout, stop=stop)
+                                           progress=for_terminal(args.repo), lock_timeout=lock_timeout, stop=stop,
+                                           on_lock_wait=lambda holder: print(
+                                               f"waiting for the lock on {args.repo}: another fill holds it "
+                                               f"({holder})", file=sys.stderr, flush=True))
         except BaseException as e:  # handed to the main thread, which reports it
             outcome["error"] = e
 
@@ -375,11 +377,11 @@ def cmd_fill(args: argparse.Namespace) -> int:
 
 def _stopped(args: argparse.Namespace, store: Any, signum: int, *, finished: bool) -> int:
     """One line saying what a stopped fill kept; exits at once if the fill did not wind down in time."""
-    from agent.status import human_bytes, staged_bytes
+    from agent.status import human_bytes
 
     code = 128 + signum
     staged = store.layout.staging_dir(args.repo)
-    kept = staged_bytes(staged)
+    kept = store.staged_bytes(args.repo)
     name = signal.Signals(signum).name
     what = (f"kept {human_bytes(kept)} staged in {staged} for the next fill" if kept
             else "nothing was staged yet")
@@ -399,19 +401,23 @@ def _stopped(args: argparse.Namespace, store: Any, signum: int, *, finished: boo
 def cmd_verify(args: argparse.Namespace) -> int:
     from agent.cache.store import Store
     from agent.config import check_readable_root
+    from agent.status import corrupt_manifests
 
     if args.repo:
         _usage("repo", _validate_repo, args.repo)
     root, origin = _root(args)
     has_content = check_readable_root(root, origin)
     store = Store(root)
-    manifests = [m for m in store.manifests() if not args.repo or m.repo == args.repo] if has_content else []
-    if args.repo and not manifests:
+    manifests = store.manifests(args.repo) if has_content else []
+    corrupt = corrupt_manifests(store, args.repo) if has_content else []
+    if args.repo and not manifests and not corrupt:
         return _fail(args, f"{args.repo} is not in the cache at {root}", EXIT_PROBLEM)
-    if not manifests:
+    if not manifests and not corrupt:
         print(f"nothing to verify: no cached models in {root}")
         return EXIT_OK
-    bad = 0
+    bad = len(corrupt)
+    for repo, commit, err in corrupt:
+        print(f"CORRUPT  {repo}@{commit[:12]}: {err}")
     mode = "full" if args.full else ("fast" if args.fast else "xxh3")
     for m in manifests:
         rep = store.check(m, deep=not args.fast, full=args.full)

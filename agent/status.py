@@ -13,43 +13,34 @@ from typing import Any
 
 from agent.cache.layout import repo_from_folder_name
 from agent.cache.store import Store
-
-
-def staged_bytes(folder: Path) -> int:
-    """Bytes of every file under ``folder`` (0 if it does not exist); symlinks are not followed."""
-    total = 0
-    for dirpath, _dirs, files in os.walk(folder):
-        for name in files:
-            try:
-                total += os.lstat(os.path.join(dirpath, name)).st_size
-            except OSError:
-                continue
-    return total
+from agent.errors import CorruptStateError
 
 
 def staged_by_repo(store: Store) -> dict[str, int]:
     """{repo: staged bytes} for every repo with something in staging."""
-    root = store.layout.staging_root
-    out: dict[str, int] = {}
     try:
-        entries = sorted(os.scandir(root), key=lambda e: e.name)
+        names = sorted(os.listdir(store.layout.staging_root))
     except OSError:
-        return out
-    for e in entries:
-        repo = repo_from_folder_name(e.name)
-        if repo is not None and e.is_dir(follow_symlinks=False):
-            size = staged_bytes(Path(e.path))
-            if size:
-                out[repo] = size
+        return {}
+    sizes = {repo: store.staged_bytes(repo) for n in names if (repo := repo_from_folder_name(n)) is not None}
+    return {repo: size for repo, size in sizes.items() if size}
+
+
+def corrupt_manifests(store: Store, repo: str | None = None) -> list[tuple[str, str, CorruptStateError]]:
+    """(repo, commit, error) for every manifest that cannot be read or parsed: damage, not an empty cache."""
+    errors: list[CorruptStateError] = []
+    store.manifests(repo, errors=errors)
+    out = []
+    for e in errors:
+        path = Path(e.path)
+        out.append((repo_from_folder_name(path.parent.name) or path.parent.name, path.stem, e))
     return out
 
 
 def status_rows(store: Store, repo: str | None = None) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     staged = staged_by_repo(store)
-    for m in store.manifests():
-        if repo and m.repo != repo:
-            continue
+    for m in store.manifests(repo):
         rep = store.check(m)
         rows.append({
             "repo": m.repo,
@@ -64,6 +55,10 @@ def status_rows(store: Store, repo: str | None = None) -> list[dict[str, Any]]:
             "state": "ok" if rep.ok else "damaged",
             "problems": rep.problems(),
         })
+    for name, commit, err in corrupt_manifests(store, repo):
+        rows.append({"repo": name, "revisions": [], "commit": commit, "files": 0, "bytes": 0,
+                     "staged_bytes": staged.pop(name, 0), "level": "", "verified_at": "", "source": "",
+                     "state": "corrupt", "problems": [str(err)]})
     for name, size in staged.items():  # a fill that never published: only staged bytes so far
         if not repo or name == repo:
             rows.append({"repo": name, "revisions": [], "commit": "", "files": 0, "bytes": 0, "staged_bytes": size,

@@ -443,7 +443,7 @@ def test_second_fill_says_at_once_whom_it_waits_for(pvc_model: PvcModel, tmp_pat
             if select.select([fd], [], [], 0.2)[0]:
                 seen += os.read(fd, 65536).decode()
         line = next(li for li in seen.splitlines() if "waiting for the lock" in li)
-        assert line.startswith(f"waiting for the lock on {pvc_model.repo}: another fill holds it (pid {os.getpid()}: ")
+        assert line.startswith(f"waiting for the lock on {pvc_model.repo}: another fill holds it (pid {os.getpid()} ")
         assert p.poll() is None  # still waiting
     assert p.wait(60) == 0
 
@@ -456,7 +456,8 @@ def test_metrics_server_serves_only_metrics_healthz_readyz() -> None:
 
     from agent.metrics import HealthServer
 
-    server = HealthServer(CollectorRegistry(), "127.0.0.1", 0, alive=lambda: True, ready=lambda: True).start()
+    ok = (True, "")
+    server = HealthServer(CollectorRegistry(), "127.0.0.1", 0, alive=lambda: ok, ready=lambda: ok).start()
     try:
         def get(path: str, method: str = "GET") -> int:
             req = urllib.request.Request(f"http://127.0.0.1:{server.port}{path}", method=method)
@@ -473,3 +474,15 @@ def test_metrics_server_serves_only_metrics_healthz_readyz() -> None:
             assert get("/metrics", method) == 501, method
     finally:
         server.stop()
+
+
+def test_a_corrupt_manifest_is_reported_not_hidden(pvc_model: PvcModel, tmp_path: Path) -> None:
+    cache = tmp_path / "c"
+    assert run("fill", pvc_model.repo, "--source", f"pvc:{pvc_model.root}", "--cache-dir", str(cache)).returncode == 0
+    manifest = Store(cache).layout.manifest_path(pvc_model.repo, pvc_model.commit)
+    manifest.write_text("{not json")
+    v = run("verify", "--cache-dir", str(cache))
+    assert v.returncode == 1 and v.stdout.startswith(f"CORRUPT  {pvc_model.repo}@{pvc_model.commit[:12]}: {manifest}")
+    st = json.loads(run("status", "--cache-dir", str(cache), "--json").stdout)
+    assert [(r["repo"], r["commit"], r["state"]) for r in st] == [(pvc_model.repo, pvc_model.commit, "corrupt")]
+    assert run("verify", pvc_model.repo, "--cache-dir", str(cache)).returncode == 1
