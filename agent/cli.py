@@ -254,13 +254,23 @@ def _usage(field: str, fn: Any, *a: Any) -> Any:
     try:
         return fn(*a)
     except SpecError as e:
-        raise ConfigError(f"{field}: {str(e).split(': ', 1)[-1]}") from None
+        raise ConfigError(f"{field}: {str(e)[len(e.field) + 2:]}") from None
 
 
 def _root(args: argparse.Namespace) -> tuple[Path, str]:
     from agent.config import cache_dir_from, cache_dir_origin
 
     return cache_dir_from(args.cache_dir, os.environ), cache_dir_origin(args.cache_dir, os.environ)
+
+
+def _check_writable(root: Path, origin: str) -> None:
+    """Every folder the store writes can be created and written (else one line naming it, exit 2)."""
+    from agent.cache.layout import CacheLayout
+    from agent.config import check_writable_root
+
+    lay = CacheLayout(root)
+    check_writable_root(root, [lay.hub, lay.staging_root, lay.manifests_root, lay.locks_root, lay.records_root],
+                        origin)
 
 
 # -------------------------------------------------------------------------------------------------- fill
@@ -306,7 +316,7 @@ def describe_attempts(attempts: Sequence[tuple[str, BaseException]]) -> str:
 
 def cmd_fill(args: argparse.Namespace) -> int:
     from agent.cache.store import Store
-    from agent.config import check_writable_root, number, parse_sources, source_settings
+    from agent.config import number, parse_sources, source_settings
     from agent.core.spec import FileFilter, validate_glob, validate_repo_id, validate_revision, validate_subpath
     from agent.progress import for_terminal
     from agent.runtime.fill import FillFailed, fill_model
@@ -326,9 +336,8 @@ def cmd_fill(args: argparse.Namespace) -> int:
         if ref.kind == "pvc":
             _check_pvc_readable(ref.arg)
     root, origin = _root(args)
+    _check_writable(root, origin)
     store = Store(root)
-    check_writable_root(root, [store.layout.hub, store.layout.staging_root, store.layout.manifests_root,
-                               store.layout.locks_root], origin)
     sources = for_model(open_sources(list(refs), source_settings(os.environ, token_file=args.token_file)),
                         pvc_subpath=args.pvc_subpath)
     stop = threading.Event()
@@ -483,13 +492,11 @@ def check_port(host: str, port: int) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from agent.cache.store import Store
-    from agent.config import cache_dir_origin, check_writable_root, load_run_settings
+    from agent.config import cache_dir_origin, load_run_settings
 
     settings = load_run_settings(args, os.environ)
-    lay = Store(settings.cache_dir).layout
-    check_writable_root(settings.cache_dir, [lay.hub, lay.staging_root, lay.manifests_root, lay.locks_root],
-                        cache_dir_origin(args.cache_dir, os.environ))
+    from_file = None if settings.cache_dir == Path(DEFAULT_CACHE_DIR) else str(settings.cache_dir)
+    _check_writable(settings.cache_dir, cache_dir_origin(args.cache_dir, os.environ, from_file))
     if settings.models_file is not None and not settings.kubernetes:
         from agent.models_file import ModelsFileProvider
 
