@@ -22,6 +22,7 @@ from typing import Any
 
 import yaml
 
+from agent.cache.fsutil import disk_full_as_error
 from agent.core.actions import FILL_BACKOFF
 from agent.core.retry import RetryPolicy
 from agent.core.spec import validate_label_prefix
@@ -162,20 +163,22 @@ def check_writable_root(root: Path, dirs: list[Path], origin: str) -> None:
 
     ``dirs`` (hub/, .agent/staging, .agent/locks, ...) are created, and a file is created and
     removed in each, so a read-only mount, a full inode table or a locks folder we may not write
-    is reported now, not as a traceback halfway through a fill.
+    is reported now, not as a traceback halfway through a fill (no space or inodes left: DiskFullError).
     """
     if root.exists() and not root.is_dir():
         raise ConfigError(f"{origin} {root}: is not a directory")
     for d in [root, *dirs]:
         try:
-            d.mkdir(parents=True, exist_ok=True)
+            with disk_full_as_error(f"creating {d}"):  # out of inodes or quota: exit 1, as for any fill step
+                d.mkdir(parents=True, exist_ok=True)
         except FileExistsError:
             raise ConfigError(f"{origin} {root}: cannot create {d}: a file is in the way") from None
         except OSError as e:
             raise ConfigError(f"{origin} {root}: cannot create {e.filename or d} ({_why(e)})") from e
         probe = d / f".write-test-{os.getpid()}"
         try:
-            os.close(os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+            with disk_full_as_error(f"creating a file in {d}"):
+                os.close(os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
             probe.unlink()
         except OSError as e:
             who = f" by uid {os.getuid()}" if e.errno in (errno.EACCES, errno.EPERM) else ""
