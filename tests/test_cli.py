@@ -11,7 +11,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -20,12 +19,12 @@ import pytest
 
 from agent.cache.layout import repo_folder_name
 from agent.cache.store import Store
-from agent.cli import build_parser, describe_attempts, main
+from agent.cli import build_parser, describe_attempts
 from agent.errors import SourceError
+from tests.as_nobody import NOBODY, open_to_nobody, run_cli_as_nobody
 from tests.conftest import PvcModel, agent_cmd
 
 ROOT = str(Path(__file__).parents[1])
-NOBODY = 65534
 
 
 def run(*args: str, env: dict[str, str] | None = None, drop: Sequence[str] = ()) -> subprocess.CompletedProcess[str]:
@@ -44,49 +43,6 @@ def one_line_error(r: subprocess.CompletedProcess[str] | tuple[int, str, str], c
     for n in needles:
         assert n in plain[0], (n, plain[0])
     return plain[0]
-
-
-def as_user(uid: int, argv: list[str], env: dict[str, str] | None = None) -> tuple[int, str, str]:
-    """Run ``main(argv)`` in a forked child that dropped to ``uid`` (root ignores file modes)."""
-    out_r, out_w = os.pipe()
-    err_r, err_w = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # child: never returns into pytest
-        code = 3
-        try:
-            os.setgid(uid)
-            os.setuid(uid)
-            os.dup2(out_w, 1)
-            os.dup2(err_w, 2)
-            sys.stdout = os.fdopen(1, "w", buffering=1)
-            sys.stderr = os.fdopen(2, "w", buffering=1)
-            if env is not None:
-                os.environ.clear()
-                os.environ.update(env)
-            code = main(argv)
-        except BaseException:
-            import traceback
-
-            os.write(err_w, traceback.format_exc().encode())
-        finally:
-            os._exit(code)
-    os.close(out_w)
-    os.close(err_w)
-    with os.fdopen(out_r) as o, os.fdopen(err_r) as e:
-        out, err = o.read(), e.read()
-    _, status = os.waitpid(pid, 0)
-    return os.waitstatus_to_exitcode(status), out, err
-
-
-def open_to_others(path: Path) -> None:
-    """Make ``path``'s parents traversable and its tree readable by other users."""
-    for parent in [path, *path.parents]:
-        if parent == Path(parent.anchor):
-            break
-        os.chmod(parent, parent.stat().st_mode | 0o011)
-    for p in [path, *path.rglob("*")]:
-        if not p.is_symlink():
-            os.chmod(p, 0o755 if p.is_dir() else 0o644)
 
 
 # --------------------------------------------------------------------------------------- happy paths
@@ -233,10 +189,16 @@ def test_help_has_no_markup_and_every_option_says_its_default() -> None:
 # ----------------------------------------------------------------------------- cache roots a user gets wrong
 
 
-def test_default_cache_dir_that_cannot_be_created(pvc_model: PvcModel) -> None:
-    open_to_others(pvc_model.root)
-    env = {k: v for k, v in os.environ.items() if k != "MODEL_CACHE_DIR"}
-    res = as_user(NOBODY, ["fill", pvc_model.repo, "--source", f"pvc:{pvc_model.root}"], env)
+def as_nobody(argv: list[str]) -> tuple[int, str, str]:
+    code, err = run_cli_as_nobody(argv)
+    return code, "", err
+
+
+def test_default_cache_dir_that_cannot_be_created(pvc_model: PvcModel, tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    open_to_nobody(tmp_path, [pvc_model.root])
+    monkeypatch.delenv("MODEL_CACHE_DIR", raising=False)
+    res = as_nobody(["fill", pvc_model.repo, "--source", f"pvc:{pvc_model.root}"])
     if Path("/var/lib/model-cache").exists():
         one_line_error(res, 2, "/var/lib/model-cache", "the default", "Permission denied")
     else:
@@ -245,32 +207,26 @@ def test_default_cache_dir_that_cannot_be_created(pvc_model: PvcModel) -> None:
 
 
 def test_unwritable_cache_dir(pvc_model: PvcModel, tmp_path: Path) -> None:
+    open_to_nobody(tmp_path, [pvc_model.root])
     cache = tmp_path / "root-owned"
-    cache.mkdir()
-    open_to_others(pvc_model.root)
-    open_to_others(cache)
-    res = as_user(NOBODY, ["fill", pvc_model.repo, "--source", f"pvc:{pvc_model.root}", "--cache-dir", str(cache)])
+    cache.mkdir(mode=0o755)
+    res = as_nobody(["fill", pvc_model.repo, "--source", f"pvc:{pvc_model.root}", "--cache-dir", str(cache)])
     one_line_error(res, 2, f"--cache-dir {cache}: cannot create files in {cache} by uid {NOBODY} (Permission denied)")
 
 
 def test_lock_file_that_cannot_be_created(pvc_model: PvcModel, tmp_path: Path) -> None:
-    cache = tmp_path / "c"
-    (cache / ".agent" / "locks").mkdir(parents=True)
-    open_to_others(pvc_model.root)
-    open_to_others(cache)
-    for p in [cache, cache / ".agent"]:
-        os.chown(p, NOBODY, NOBODY)  # ours, except the locks folder
-    res = as_user(NOBODY, ["fill", pvc_model.repo, "--source", f"pvc:{pvc_model.root}", "--cache-dir", str(cache)])
+    cache = open_to_nobody(tmp_path, [pvc_model.root])  # nobody's, except the locks folder
+    (cache / ".agent").mkdir()
+    os.chown(cache / ".agent", NOBODY, NOBODY)
+    (cache / ".agent" / "locks").mkdir(mode=0o755)
+    res = as_nobody(["fill", pvc_model.repo, "--source", f"pvc:{pvc_model.root}", "--cache-dir", str(cache)])
     one_line_error(res, 2, f"cannot create files in {cache}/.agent/locks by uid {NOBODY} (Permission denied)")
 
 
 def test_unreadable_pvc(pvc_model: PvcModel, tmp_path: Path) -> None:
-    cache = tmp_path / "c"
-    cache.mkdir()
-    os.chown(cache, NOBODY, NOBODY)
-    open_to_others(pvc_model.root)
+    cache = open_to_nobody(tmp_path, [pvc_model.root])
     os.chmod(pvc_model.root, 0o700)
-    res = as_user(NOBODY, ["fill", pvc_model.repo, "--source", f"pvc:{pvc_model.root}", "--cache-dir", str(cache)])
+    res = as_nobody(["fill", pvc_model.repo, "--source", f"pvc:{pvc_model.root}", "--cache-dir", str(cache)])
     one_line_error(res, 2, f"--source pvc:{pvc_model.root}: cannot read {pvc_model.root} as uid {NOBODY} "
                            "(Permission denied)")
 
@@ -336,7 +292,7 @@ def test_failed_fill_is_one_line_on_a_terminal(tmp_path: Path) -> None:
     assert p.wait(30) == 1
     lines = [line for line in out.decode().splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: org/absent@main: all sources failed: "), lines
-    assert lines[0].count("pvc: ") == 2 and lines[0].count(str(empty)) == 2  # two attempts, each named once
+    assert lines[0].count("pvc: ") == 2 and f"{empty}/x" in lines[0]  # two attempts, each labelled once
 
 
 def test_failed_fill_with_json_is_a_json_object_on_stdout(tmp_path: Path) -> None:
