@@ -303,17 +303,6 @@ def _check_pvc_readable(path: str) -> None:
         pass
 
 
-def describe_attempts(attempts: Sequence[tuple[str, BaseException]]) -> str:
-    """'label: error' per source, without repeating a label the error already starts with or names."""
-    parts = []
-    for label, err in attempts:
-        msg = str(err)
-        kind = label.split(":", 1)[0]
-        named = msg.startswith((f"{label}:", f"{kind}:")) or label in msg
-        parts.append(msg if named else f"{label}: {msg}")
-    return "; ".join(parts) or "no source configured"
-
-
 def cmd_fill(args: argparse.Namespace) -> int:
     from agent.cache.store import Store
     from agent.config import number, parse_sources, source_settings
@@ -366,7 +355,7 @@ def cmd_fill(args: argparse.Namespace) -> int:
     for s in sources:  # finished (or failed) before the signal could stop it: report that as usual
         s.close()
     if isinstance(err, FillFailed):
-        return _fail(args, f"{args.repo}@{args.revision}: all sources failed: {describe_attempts(err.attempts)}",
+        return _fail(args, str(err),
                      EXIT_PROBLEM)
     if err is not None:
         raise err

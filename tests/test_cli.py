@@ -19,8 +19,9 @@ import pytest
 
 from agent.cache.layout import repo_folder_name
 from agent.cache.store import Store
-from agent.cli import build_parser, describe_attempts
+from agent.cli import build_parser
 from agent.errors import SourceError
+from agent.runtime.fill import describe_attempts
 from tests.as_nobody import NOBODY, open_to_nobody, run_cli_as_nobody
 from tests.conftest import PvcModel, agent_cmd
 

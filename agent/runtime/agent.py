@@ -22,7 +22,7 @@ import structlog
 from agent.cache.fsutil import write_atomic
 from agent.cache.store import Store
 from agent.cache.watch import HubWatcher
-from agent.config import RunSettings
+from agent.config import RunSettings, check_writable_root
 from agent.core.actions import Policy
 from agent.core.eviction import SpacePolicy
 from agent.errors import ConfigError
@@ -69,16 +69,12 @@ class LocalReporter:
 
 def validate_cache_dir(store: Store) -> None:
     """Fail loudly at start: the cache root must be writable and hub/ and .agent/ on one filesystem."""
-    root = store.layout.root
-    try:
-        store.ensure_dirs()
-    except OSError as e:
-        raise ConfigError(f"--cache-dir {root}: cannot create ({e.strerror})") from e
-    if not os.access(root, os.W_OK):
-        raise ConfigError(f"--cache-dir {root}: not writable by uid {os.getuid()}")
-    if os.stat(store.layout.hub).st_dev != os.stat(store.layout.agent_dir).st_dev:
+    lay = store.layout
+    check_writable_root(lay.root, [lay.hub, lay.staging_root, lay.manifests_root, lay.locks_root, lay.records_root],
+                        "--cache-dir")
+    if os.stat(lay.hub).st_dev != os.stat(lay.agent_dir).st_dev:
         raise ConfigError(
-            f"--cache-dir {root}: hub/ and .agent/ are on different filesystems; renames would not be atomic")
+            f"--cache-dir {lay.root}: hub/ and .agent/ are on different filesystems; renames would not be atomic")
 
 
 def read_node_until_reachable(node: NodeReporter, stop: threading.Event) -> bool:

@@ -36,12 +36,22 @@ class FillResult:
     record: ModelRecord | None = None  # written when the fill was for a named model (the agent loop)
 
 
+def describe_attempts(attempts: Sequence[tuple[str, BaseException]]) -> str:
+    """'label: error' per source, without repeating a label the error already starts with or names."""
+    parts = []
+    for label, err in attempts:
+        msg = str(err)
+        kind = label.split(":", 1)[0]
+        named = msg.startswith((f"{label}:", f"{kind}:")) or label in msg
+        parts.append(msg if named else f"{label}: {msg}")
+    return "; ".join(parts) or "no source configured"
+
+
 class FillFailed(AgentError):
     """Every source failed; ``attempts`` lists (source label, error) in order."""
 
     def __init__(self, repo: str, revision: str, attempts: list[tuple[str, AgentError]]) -> None:
-        detail = "; ".join(f"{label}: {err}" for label, err in attempts) or "no source configured"
-        super().__init__(f"{repo}@{revision}: all sources failed: {detail}")
+        super().__init__(f"{repo}@{revision}: all sources failed: {describe_attempts(attempts)}")
         self.attempts = attempts
         last = attempts[-1][1] if attempts else None
         self.permanent = all(getattr(e, "permanent", True) for _, e in attempts)
