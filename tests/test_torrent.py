@@ -1,0 +1,145 @@
+"""Deterministic torrents (agent/core/torrent.py): canonical bencode, a pinned info-hash, and the checks
+that keep a peer's info dict for another commit or file set out of a fill."""
+
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+
+from agent.core import torrent as T
+from agent.core.plan import FileEntry
+
+REPO = "org/golden"
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+FILES = {
+    "tok/tokenizer.json": b"x" * 1000,
+    "model.safetensors": bytes(range(256)) * 8192 + b"tail",  # 2 MiB + 4: three 1 MiB pieces in all
+    "config.json": b'{"a": 1}\n',
+}
+
+
+def entries(files: dict[str, bytes] = FILES) -> list[FileEntry]:
+    return [FileEntry(p, len(d), "sha256", hashlib.sha256(d).hexdigest()) for p, d in files.items()]
+
+
+def info_for(repo: str = REPO, commit: str = COMMIT, files: dict[str, bytes] = FILES) -> tuple[bytes, T.TorrentLayout]:
+    lay = T.layout(repo, commit, entries(files))
+    return T.build_info(lay, T.piece_hashes((files[f.path] for f in lay.files), lay.piece_length)), lay
+
+
+def test_golden_info_hash_and_plan_key() -> None:
+    """Pinned: a change here changes every info-hash in every cluster, so it must come with a SCHEME bump."""
+    info, lay = info_for()
+    assert [f.path for f in lay.files] == ["config.json", "model.safetensors", "tok/tokenizer.json"]
+    assert (lay.piece_length, lay.num_pieces, lay.name) == (T.MiB, 3, f"models--org--golden--{COMMIT}")
+    assert T.info_hash(info) == "6884aceeefb326558e283d809cd5b194052fc25a"
+    assert T.plan_key(REPO, COMMIT, entries()) == "511974c497bbc24e4b8e82657244a7bf85c066cd77a2e32c1115ace46771aefb"
+
+
+def test_input_order_does_not_matter() -> None:
+    reordered = dict(reversed(list(FILES.items())))
+    assert info_for(files=reordered)[0] == info_for()[0]
+    assert T.plan_key(REPO, COMMIT, entries(reordered)) == T.plan_key(REPO, COMMIT, entries())
+
+
+def test_other_commit_file_set_or_bytes_give_other_hashes() -> None:
+    base = T.info_hash(info_for()[0])
+    other_commit = "f" * 40
+    assert T.info_hash(info_for(commit=other_commit)[0]) != base  # identical bytes, other commit
+    assert T.info_hash(info_for(repo="org/other")[0]) != base
+    subset = {k: v for k, v in FILES.items() if k != "config.json"}
+    assert T.info_hash(info_for(files=subset)[0]) != base
+    changed = {**FILES, "config.json": b'{"a": 2}\n'}
+    assert T.info_hash(info_for(files=changed)[0]) != base
+    keys = {T.plan_key(REPO, c, entries(f)) for c, f in [(COMMIT, FILES), (other_commit, FILES), (COMMIT, subset),
+                                                           (COMMIT, changed)]}
+    assert len(keys) == 4
+
+
+def test_empty_files_are_left_out_and_duplicates_refused() -> None:
+    lay = T.layout(REPO, COMMIT, [*entries(), FileEntry("empty.txt", 0, "git-sha1", "e69de29b" + "0" * 32)])
+    assert "empty.txt" not in [f.path for f in lay.files]
+    with pytest.raises(T.TorrentError, match="appears twice"):
+        T.layout(REPO, COMMIT, [*entries(), entries()[0]])
+
+
+def test_plan_key_needs_trusted_digests() -> None:
+    with pytest.raises(T.TorrentError, match=r"config\.json: no trusted digest"):
+        T.plan_key(REPO, COMMIT, [FileEntry("config.json", 9, "git-sha1", None)])
+
+
+@pytest.mark.parametrize(("total", "piece"), [
+    (0, T.MiB), (5 * T.MiB, T.MiB), (2 << 30, T.MiB), ((2 << 30) + 1, 2 * T.MiB), (8 << 30, 4 * T.MiB),
+    (140 * 10**9, 16 * T.MiB), (10**13, 16 * T.MiB),
+])
+def test_piece_length_rule(total: int, piece: int) -> None:
+    assert T.piece_length_for(total) == piece
+
+
+def test_piece_hashes_do_not_depend_on_chunking() -> None:
+    data = bytes(range(256)) * 20000
+    one = T.piece_hashes([data], 65536)
+    many = T.piece_hashes([data[i:i + 1000] for i in range(0, len(data), 1000)], 65536)
+    assert one == many and len(one) == 20 * -(-len(data) // 65536)
+    assert one[:20] == hashlib.sha1(data[:65536]).digest()
+
+
+def test_check_info_accepts_exact_match_only() -> None:
+    info, lay = info_for()
+    assert T.check_info(info, lay) == T.info_hash(info)
+    _, other_commit = info_for(commit="f" * 40)
+    with pytest.raises(T.TorrentError, match=r"^name: "):
+        T.check_info(info, other_commit)
+    _, subset = info_for(files={k: v for k, v in FILES.items() if k != "config.json"})
+    with pytest.raises(T.TorrentError, match=r"^files: 3 entries, expected 2"):
+        T.check_info(info, subset)
+    _, resized = info_for(files={**FILES, "config.json": b'{"a": 10}\n'})
+    with pytest.raises(T.TorrentError, match=r"^files\[0\]: .*expected config.json \(10 bytes\)"):
+        T.check_info(info, resized)
+
+
+def _tampered(**changes: object) -> bytes:
+    info, _ = info_for()
+    d = T.bdecode(info)
+    assert isinstance(d, dict)
+    for k, v in changes.items():
+        if v is None:
+            del d[k.replace("_", " ").encode()]
+        else:
+            d[k.replace("_", " ").encode()] = v  # type: ignore[assignment]
+    return T.bencode(d)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("changes", "error"), [
+    ({"private": 1}, "^info: keys"),
+    ({"created_by": "someone"}, "^info: keys"),
+    ({"piece_length": 2 * T.MiB}, "^piece length: "),
+    ({"pieces": b"\0" * 40}, "^pieces: 40 bytes, expected 60"),
+    ({"files": None}, "^info: keys"),
+])
+def test_check_info_rejects_tampered_dicts(changes: dict[str, object], error: str) -> None:
+    with pytest.raises(T.TorrentError, match=error):
+        T.check_info(_tampered(**changes), info_for()[1])
+
+
+def test_reordered_files_rejected() -> None:
+    info, lay = info_for()
+    d = T.bdecode(info)
+    assert isinstance(d, dict) and isinstance(d[b"files"], list)
+    d[b"files"] = list(reversed(d[b"files"]))
+    with pytest.raises(T.TorrentError, match=r"^files\[0\]"):
+        T.check_info(T.bencode(d), lay)
+
+
+def test_bencode_roundtrip_and_canonical_decoding() -> None:
+    value = {"b": [1, -2, b"x"], "a": {"c": b""}, "z": 0}
+    enc = T.bencode(value)  # type: ignore[arg-type]
+    assert enc == b"d1:ad1:c0:e1:bli1ei-2e1:xe1:zi0ee"
+    assert T.bencode(T.bdecode(enc)) == enc
+    for bad in (b"i01e", b"i-0e", b"03:abc", b"d1:bi1e1:ai2ee", b"d1:ai1e1:ai2ee", b"5:abc", b"i1ei2e", b"x",
+                b"l" * 40 + b"e" * 40, b"di1ei2ee"):
+        with pytest.raises(T.TorrentError):
+            T.bdecode(bad)
+    with pytest.raises(TypeError):
+        T.bencode(True)  # type: ignore[arg-type]
