@@ -21,9 +21,9 @@ from agent.core.snapshot import ModelRecord, listing_digest
 from agent.core.spec import FileFilter
 from agent.errors import AgentError, CorruptStateError, DiskFullError, IntegrityError, SourceError, UnsafePathError
 from agent.sources.base import NullProgress, Progress, Source
+from agent.sources.reference import METADATA_KINDS, enrich_digests  # noqa: F401 (re-exported)
 
 log = structlog.get_logger("agent.runtime.fill")
-METADATA_KINDS = ("pvc", "hub")  # sources whose digests we trust (blob names, Hub tree API)
 
 
 @dataclass(frozen=True)
@@ -56,34 +56,6 @@ class FillFailed(AgentError):
         last = attempts[-1][1] if attempts else None
         self.permanent = all(getattr(e, "permanent", True) for _, e in attempts)
         self.reason = getattr(last, "reason", "error") if last else "no_source"
-
-
-def enrich_digests(plan: ModelPlan, others: Sequence[Source], files: FileFilter) -> ModelPlan:
-    """Fill in expected digests from a more trusted source for a plan that lacks them.
-
-    Only entries whose path and size match get a digest, so a disagreeing source cannot make a
-    good file fail; when a trusted digest does apply, a wrong byte from the streaming source will.
-    """
-    if all(f.trusted for f in plan.files):
-        return plan
-    for other in others:
-        if other.kind not in METADATA_KINDS:
-            continue
-        try:
-            ref_plan = other.resolve(plan.repo, plan.commit, files)
-        except AgentError as e:
-            log.debug("fill.enrich_skipped", source=other.label, error=str(e))
-            continue
-        known = {f.path: f for f in ref_plan.files if f.trusted}
-        new_files: list[FileEntry] = []
-        for f in plan.files:
-            k = known.get(f.path)
-            usable = k is not None and not f.trusted and k.size == f.size
-            new_files.append(replace(f, algo=k.algo, digest=k.digest) if usable and k else f)
-        plan = replace(plan, files=tuple(new_files))
-        if all(f.trusted for f in plan.files):
-            break
-    return plan
 
 
 def trusted_from_manifest(store: Store, plan: ModelPlan) -> ModelPlan:

@@ -18,6 +18,7 @@ from agent.core.plan import FileEntry, ModelPlan
 from agent.core.retry import RetryPolicy, retry_call
 from agent.core.spec import FileFilter
 from agent.errors import Cancelled, ConfigError, SourceError
+from agent.sources.peers.settings import PeerSettings
 
 T = TypeVar("T")
 
@@ -72,6 +73,7 @@ class SourceSettings:
     max_workers: int = 4  # files fetched at once
     # transient failures: attempts in all, waits 0.5, 1, 2, 4 s (+-25 %); a server's Retry-After wins (<= 300 s)
     retry: RetryPolicy = field(default_factory=lambda: RetryPolicy(attempts=5, base=0.5, cap=8.0, jitter=0.25))
+    peers: PeerSettings | None = None  # the peers source (--p2p-port, --peer, rates); None: defaults
 
 
 def retryable(err: BaseException) -> bool:
@@ -124,7 +126,7 @@ def retry_source_call(
 
 @dataclass(frozen=True)
 class SourceRef:
-    """A parsed ``--source`` value: 'pvc:PATH', 'hub', 'modelexpress[:ADDR]'."""
+    """A parsed ``--source`` value: 'pvc:PATH', 'hub', 'modelexpress[:ADDR]', 'peers'."""
 
     kind: str
     arg: str = ""
@@ -146,4 +148,9 @@ def parse_source_ref(value: str) -> SourceRef:
         return SourceRef("hub")
     if kind == "modelexpress":
         return SourceRef("modelexpress", arg)
-    raise ConfigError(f"--source {value!r}: unknown source type {kind!r} (use pvc:PATH, hub, modelexpress[:ADDR])")
+    if kind == "peers":
+        if arg:
+            raise ConfigError(f"--source {value!r}: peers takes no argument (use --peer HOST:PORT, --p2p-port)")
+        return SourceRef("peers")
+    raise ConfigError(
+        f"--source {value!r}: unknown source type {kind!r} (use pvc:PATH, hub, modelexpress[:ADDR], peers)")

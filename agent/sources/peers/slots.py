@@ -1,0 +1,239 @@
+"""Origin slots: at most ``originConcurrency`` nodes per model fetch it from the configured sources.
+
+Everyone else waits for a slot holder's torrent and fills from peers. The decision is taken by the
+peers source when it finds no torrent (``OriginGate``); origin sources are wrapped in
+``SlottedSource``, which lets a fetch through only for a node that holds a slot for that model, or
+for a fill that never consulted the peers source (a spec with ``sources: [pvc]`` is never gated).
+
+Implementations of ``OriginSlots``:
+- ``LocalSlots``: this process only (file mode on one node, ``fill``).
+- ``DirSlots``: flock files in a directory shared by the agents of one host (the swarm lab); a
+  holder that dies releases its slot with its file descriptors, as a Lease expires.
+- a ``coordination.k8s.io`` Lease per model and slot (``agent/k8s``, cluster mode) comes later.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import os
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Literal, Protocol
+
+from agent.cache.store import Fill
+from agent.core.plan import FileEntry, ModelPlan
+from agent.core.spec import FileFilter
+from agent.errors import TransientSourceError
+from agent.sources.base import Progress, Source
+
+
+def slot_key(repo: str, commit: str) -> str:
+    return f"{repo}@{commit}"
+
+
+class Slot(Protocol):
+    def release(self) -> None: ...
+
+
+class OriginSlots(Protocol):
+    """A cluster-wide cap per model on concurrent origin fills."""
+
+    cap: int
+
+    def try_acquire(self, key: str) -> Slot | None:
+        """A slot for ``key`` if fewer than ``cap`` are held (by anyone), else None. Never blocks."""
+        ...
+
+    def busy(self, key: str) -> bool:
+        """True while some node (this one included) holds a slot for ``key``."""
+        ...
+
+
+class _LocalSlot:
+    def __init__(self, owner: LocalSlots, key: str) -> None:
+        self._owner, self._key, self._done = owner, key, False
+
+    def release(self) -> None:
+        with self._owner._mu:
+            if not self._done:
+                self._done = True
+                self._owner._held[self._key] -= 1
+
+
+class LocalSlots:
+    """Slots counted in this process: right for one node, no coordination between nodes."""
+
+    def __init__(self, cap: int = 1) -> None:
+        self.cap = cap
+        self._mu = threading.Lock()
+        self._held: dict[str, int] = {}
+
+    def try_acquire(self, key: str) -> Slot | None:
+        with self._mu:
+            if self._held.get(key, 0) >= self.cap:
+                return None
+            self._held[key] = self._held.get(key, 0) + 1
+            return _LocalSlot(self, key)
+
+    def busy(self, key: str) -> bool:
+        with self._mu:
+            return self._held.get(key, 0) > 0
+
+
+class _DirSlot:
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(self._fd)  # closing drops the flock
+            self._fd = -1
+
+
+class DirSlots:
+    """``cap`` flock files per model in a directory on a local filesystem shared by the agents.
+
+    flock is per open file description, so two holders in one process also exclude each other. Not
+    for NFS (flock there is not reliable); across hosts, use the Lease implementation.
+    """
+
+    def __init__(self, directory: Path, cap: int = 1) -> None:
+        self.dir = directory
+        self.cap = cap
+        self.dir.mkdir(parents=True, exist_ok=True)
+
+    def _paths(self, key: str) -> list[Path]:
+        stem = hashlib.sha256(key.encode()).hexdigest()[:24]
+        return [self.dir / f"{stem}.{i}.lock" for i in range(self.cap)]
+
+    def try_acquire(self, key: str) -> Slot | None:
+        for p in self._paths(key):
+            fd = os.open(p, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                continue
+            return _DirSlot(fd)
+        return None
+
+    def busy(self, key: str) -> bool:
+        for p in self._paths(key):
+            try:
+                fd = os.open(p, os.O_RDWR | os.O_CLOEXEC)
+            except FileNotFoundError:
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return True
+            finally:
+                os.close(fd)
+        return False
+
+
+Decision = Literal["held", "denied"]
+
+
+class OriginGate:
+    """What the peers source decided for each model on this node: fetch from the origin or wait.
+
+    A held slot stays held after the origin fetch, until this node seeds the model (``release`` from
+    ``PeerService.seed``): releasing at the end of the fetch would let other nodes see neither a slot
+    holder nor a torrent while this one publishes and hashes, and send them to the origin too.
+    """
+
+    def __init__(self, slots: OriginSlots) -> None:
+        self.slots = slots
+        self._mu = threading.Lock()
+        self._held: dict[str, Slot] = {}
+        self._denied: set[str] = set()
+
+    def decide(self, key: str) -> Decision | None:
+        """Hold a slot (kept if this node already has one) or record that the origin is closed to us."""
+        with self._mu:
+            self._denied.discard(key)
+            if key in self._held:
+                return "held"
+            slot = self.slots.try_acquire(key)
+            if slot is None:
+                return None
+            self._held[key] = slot
+            return "held"
+
+    def deny(self, key: str) -> None:
+        with self._mu:
+            self._denied.add(key)
+
+    def decision(self, key: str) -> Decision | None:
+        with self._mu:
+            if key in self._held:
+                return "held"
+            return "denied" if key in self._denied else None
+
+    def release(self, key: str) -> None:
+        with self._mu:
+            slot = self._held.pop(key, None)
+            self._denied.discard(key)
+        if slot is not None:
+            slot.release()
+
+    def release_repo(self, repo: str) -> None:
+        with self._mu:
+            keys = [k for k in self._held if k.startswith(repo + "@")]
+        for k in keys:
+            self.release(k)
+
+    def release_all(self) -> None:
+        with self._mu:
+            keys = list(self._held)
+        for k in keys:
+            self.release(k)
+
+    def held(self) -> list[str]:
+        with self._mu:
+            return sorted(self._held)
+
+
+class SlottedSource:
+    """An origin source whose fetch runs only where the gate allows it; metadata calls pass through."""
+
+    def __init__(self, inner: Source, gate: OriginGate) -> None:
+        self.inner = inner
+        self.gate = gate
+        self.kind = inner.kind
+
+    @property
+    def label(self) -> str:
+        return self.inner.label
+
+    def resolve(self, repo: str, revision: str, files: FileFilter) -> ModelPlan:
+        try:
+            return self.inner.resolve(repo, revision, files)
+        except Exception:
+            self.gate.release_repo(repo)  # not filling from here after all: let another node take the slot
+            raise
+
+    def fetch(self, plan: ModelPlan, entries: Sequence[FileEntry], fill: Fill, progress: Progress) -> None:
+        key = slot_key(plan.repo, plan.commit)
+        if self.gate.decision(key) == "denied":
+            raise TransientSourceError(
+                f"{self.label}: the {self.gate.slots.cap} origin slot(s) for {key[:80]} are held by other nodes; "
+                "this node fills from peers once one of them seeds")
+        try:
+            self.inner.fetch(plan, entries, fill, progress)
+        except BaseException:
+            self.gate.release(key)
+            raise
+
+    def with_subpath(self, subpath: str | None) -> SlottedSource:
+        """A PVC origin looking in a model's ``pvcSubpath`` (factory.for_model), still gated."""
+        inner = getattr(self.inner, "with_subpath", None)
+        return SlottedSource(inner(subpath), self.gate) if inner is not None else self
+
+    def close(self) -> None:
+        self.inner.close()

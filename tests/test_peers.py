@@ -1,0 +1,507 @@
+"""The peers source on real libtorrent sessions over loopback: fills from a seeder, and every fault of
+issue 13 (corrupt pieces, a seed killed mid-transfer, no peers, another commit's torrent, a full disk).
+
+Nodes listen on distinct loopback addresses (127.0.0.1/.2/.3) so a ban names exactly one of them.
+Small models (a few MiB, 1 MiB pieces); stall timeouts of a second or two keep every test short.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import libtorrent as lt
+import pytest
+import structlog
+
+import tests.peers.hub_fixtures as hub_fixtures
+from agent.cache.manifest import Manifest
+from agent.cache.store import Store
+from agent.core import torrent as T
+from agent.core.plan import FileEntry
+from agent.core.spec import FileFilter
+from agent.errors import DiskFullError, TransientSourceError
+from agent.modelgen import MiB, make_hub_model
+from agent.runtime.fill import FillFailed, FillResult, fill_model
+from agent.sources.base import NullProgress, Source, SourceSettings
+from agent.sources.hub import HubSource
+from agent.sources.peers.index import IndexServer
+from agent.sources.peers.service import PeerService, session_settings
+from agent.sources.peers.settings import PeerAddr, PeerSettings
+from agent.sources.peers.slots import DirSlots, SlottedSource
+from agent.sources.peers.source import PeerSource
+from agent.sources.pvc import PvcSource
+from tests.conftest import agent_cmd
+from tests.peers.hub_server import HubServer, wait_for
+
+hub = hub_fixtures.hub
+hub_session = hub_fixtures.hub_session
+hub_models = hub_fixtures.hub_models
+REPO = "org/swarm"
+SEED_WAIT = 30.0
+
+
+@dataclass
+class Origin:
+    root: Path
+    commit: str  # main
+    commit_dev: str  # another commit of the same repo
+
+    def source(self) -> PvcSource:
+        return PvcSource(self.root)
+
+
+@dataclass
+class Node:
+    name: str
+    store: Store
+    service: PeerService
+    host: str
+
+    @property
+    def addr(self) -> PeerAddr:
+        return self.service.addr(self.host)
+
+    def sources(self, origin: Source) -> list[Source]:
+        return [PeerSource(self.service, [origin]), SlottedSource(origin, self.service.gate)]
+
+    def fill(self, origin: Source, revision: str = "main", **kw: object) -> FillResult:
+        return fill_model(self.store, self.sources(origin), REPO, revision, **kw)  # type: ignore[arg-type]
+
+    def seed(self, manifest: Manifest) -> str | None:
+        return self.service.seed(self.store, manifest).result(timeout=SEED_WAIT)
+
+
+@pytest.fixture
+def origin(tmp_path: Path) -> Origin:
+    hub_dir = tmp_path / "pvc" / "hub"
+    commit = make_hub_model(hub_dir, REPO, weight_bytes=6 * MiB, shards=2, refs=("main",))
+    dev = make_hub_model(hub_dir, REPO, weight_bytes=3 * MiB, shards=1, seed=1, refs=("dev",))
+    return Origin(tmp_path / "pvc", commit, dev)
+
+
+@pytest.fixture
+def make_node(tmp_path: Path) -> Iterator[Callable[..., Node]]:
+    made: list[Node] = []
+
+    def make(name: str, *, host: str = "127.0.0.1", peers: tuple[Node | PeerAddr, ...] = (),
+             store: Store | None = None, **kw: object) -> Node:
+        kw.setdefault("stall_timeout", 2.0)
+        kw.setdefault("poll_interval", 0.05)
+        kw.setdefault("port", 0)
+        kw.setdefault("index_port", 0 if kw["port"] == 0 else None)
+        addrs = tuple(p.addr if isinstance(p, Node) else p for p in peers)
+        ps = PeerSettings(listen_host=host, peers=addrs, **kw)  # type: ignore[arg-type]
+        node = Node(name, store or Store(tmp_path / name), PeerService(ps).start(), host)
+        made.append(node)
+        return node
+
+    yield make
+    for n in made:
+        n.service.stop()
+
+
+def seeder(make_node: Callable[..., Node], origin: Origin, name: str = "seed", **kw: object) -> Node:
+    node = make_node(name, **kw)
+    res = fill_model(node.store, [origin.source()], REPO, "main")
+    assert node.seed(res.manifest) is not None
+    return node
+
+
+def snapshot(store: Store, commit: str) -> dict[str, bytes]:
+    snap = store.layout.snapshot_dir(REPO, commit)
+    return {p.relative_to(snap).as_posix(): p.read_bytes() for p in sorted(snap.rglob("*")) if p.is_file()}
+
+
+def staging_leftovers(store: Store) -> list[str]:
+    root = store.layout.staging_root
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if "p2p" in p.parts) if root.is_dir() else []
+
+
+# -- the happy path ------------------------------------------------------------------------------------
+
+
+def test_leecher_fills_from_a_seeder_without_origin_bytes(hub: HubServer, hub_models: hub_fixtures.HubModels,
+                                                           make_node: Callable[..., Node]) -> None:
+    """Origin = the loopback Hub: the seeder reads the model from it once, the leecher reads only metadata."""
+    def hub_source() -> HubSource:
+        return HubSource(SourceSettings(hf_endpoint=hub.url, hf_token=hub_fixtures.TOKEN, timeout=5))
+
+    def origin_bytes() -> int:
+        return sum(r.bytes_sent for r in hub.requests(method="GET") if "/resolve/" in r.path or r.origin == "cdn")
+
+    seed = make_node("seed")
+    first = fill_model(seed.store, [hub_source()], "org/tiny", "main")
+    seed_bytes = origin_bytes()
+    assert seed_bytes >= first.manifest.total_bytes
+    assert seed.service.seed(seed.store, first.manifest).result(SEED_WAIT)
+
+    leech = make_node("leech", host="127.0.0.2", peers=(seed,))
+    src = hub_source()
+    res = fill_model(leech.store, [PeerSource(leech.service, [src]), SlottedSource(src, leech.service.gate)],
+                     "org/tiny", "main")
+    assert res.source.startswith("peers") and res.fetched_bytes == first.manifest.total_bytes
+    assert origin_bytes() == seed_bytes  # not one file byte from the origin for the leecher
+    m = res.manifest
+    assert m.commit == hub_models.commit and m.level == "verified"  # the Hub's digests are the reference
+    assert leech.store.check(m, full=True).ok
+    assert seed.store.check(first.manifest).ok  # seeding left blobs untouched (mtime, inode, size)
+    assert staging_leftovers(leech.store) == []
+
+
+def test_every_node_derives_the_same_info_hash(origin: Origin, make_node: Callable[..., Node]) -> None:
+    a, b = make_node("a"), make_node("b")
+    ha = a.seed(fill_model(a.store, [origin.source()], REPO, "main").manifest)
+    hb = b.seed(fill_model(b.store, [origin.source()], REPO, "main").manifest)
+    assert ha == hb and ha is not None
+    # the same computed in a fresh interpreter (other hash seed, other dict order) from the blobs alone
+    m = a.store.manifest(REPO, origin.commit)
+    assert m is not None
+    files = [[f.path, f.size, f.algo, f.digest, str(a.store.layout.blob_path(REPO, f.digest))] for f in m.files]
+    code = (
+        "import json,sys\n"
+        "from agent.core import torrent as T\nfrom agent.core.plan import FileEntry\n"
+        "repo, commit, files = json.load(sys.stdin)\n"
+        "es = [FileEntry(p, s, a, d) for p, s, a, d, _ in files]\nblob = {p: b for p, *_, b in files}\n"
+        "lay = T.layout(repo, commit, es)\n"
+        "data = (open(blob[f.path], 'rb').read() for f in lay.files)\n"
+        "print(T.info_hash(T.build_info(lay, T.piece_hashes(data, lay.piece_length))))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], input=json.dumps([REPO, origin.commit, files]),
+                         capture_output=True, text=True, check=True, env={**os.environ, "PYTHONHASHSEED": "12345"})
+    assert out.stdout.strip() == ha
+    # libtorrent reads our info dict the same way
+    info = a.service._infos[T.plan_key(REPO, origin.commit, [FileEntry(f.path, f.size, f.algo, f.digest)
+                                                                for f in m.files])]
+    ti = lt.torrent_info(b"d4:info" + info + b"e")
+    assert str(ti.info_hashes().v1) == ha and ti.total_size() == sum(f.size for f in m.files)
+
+
+# -- faults ---------------------------------------------------------------------------------------------
+
+
+def corrupt_peer(tmp_path: Path, seed: Node, commit: str, host: str = "127.0.0.3") -> tuple[object, IndexServer]:
+    """A peer that claims every piece of the real torrent but holds flipped bytes, and serves the real info
+    dict from its own index: what a node with a rotten disk (or a hostile one) looks like to others."""
+    key, info = next(iter(seed.service._infos.items()))
+    lay = T.layout(REPO, commit, [FileEntry(f.path, f.size, f.algo, f.digest)
+                                  for f in seed.store.manifest(REPO, commit).files])  # type: ignore[union-attr]
+    d = tmp_path / "rotten"
+    d.mkdir()
+    renamed = {}
+    for i, f in enumerate(lay.files):
+        mf = seed.store.manifest(REPO, commit).by_path()[f.path]  # type: ignore[union-attr]
+        data = bytearray(seed.store.layout.blob_path(REPO, mf.digest).read_bytes())
+        for j in range(0, len(data), 4096):
+            data[j] ^= 0xFF
+        (d / str(i)).write_bytes(bytes(data))
+        renamed[i] = str(d / str(i))
+    ses = lt.session(lt.session_params(session_settings(PeerSettings(), f"{host}:0")))
+    atp = lt.add_torrent_params()
+    atp.ti = lt.torrent_info(b"d4:info" + info + b"e")
+    atp.save_path = str(d)
+    atp.renamed_files = renamed
+    atp.have_pieces = [True] * lay.num_pieces  # trusted resume data: served without a check
+    atp.flags = 0
+    ses.add_torrent(atp)
+    index = IndexServer(host, 0, lambda k: info if k == key else None).start()
+    return ses, index
+
+
+def test_corrupt_peer_is_banned_and_nothing_bad_is_published(tmp_path: Path, origin: Origin,
+                                                             make_node: Callable[..., Node]) -> None:
+    seed = seeder(make_node, origin, upload_rate=3 * MiB)  # slow honest seed: the rotten one gets requests
+    ses, index = corrupt_peer(tmp_path, seed, origin.commit)
+    try:
+        rotten = PeerAddr("127.0.0.3", ses.listen_port(), index.port)  # type: ignore[attr-defined]
+        leech = make_node("leech", host="127.0.0.2", peers=(rotten, seed), stall_timeout=10.0)
+        with structlog.testing.capture_logs() as events:
+            res = leech.fill(origin.source())
+    finally:
+        index.stop()
+        del ses
+    assert res.source.startswith("peers")
+    assert snapshot(leech.store, origin.commit) == snapshot(seed.store, origin.commit)
+    assert leech.store.check(res.manifest, full=True).ok
+    banned = [e["peer"] for e in events if e["event"] == "peers.peer_banned"]
+    assert banned and all(p.startswith("127.0.0.3:") for p in banned), banned
+    done = next(e for e in events if e["event"] == "peers.download_done")
+    assert done["hash_failures"] >= 1 and done["banned"] == ["127.0.0.3"]
+
+
+def test_only_corrupt_peers_fall_back_to_origin(tmp_path: Path, origin: Origin,
+                                                make_node: Callable[..., Node]) -> None:
+    seed = seeder(make_node, origin)
+    ses, index = corrupt_peer(tmp_path, seed, origin.commit)
+    try:
+        seed.service.unseed(REPO, origin.commit)  # the honest copy is gone; its info dict lives on in the liar
+        rotten = PeerAddr("127.0.0.3", ses.listen_port(), index.port)  # type: ignore[attr-defined]
+        leech = make_node("leech", host="127.0.0.2", peers=(rotten,), stall_timeout=1.0)
+        with structlog.testing.capture_logs() as events:
+            res = leech.fill(origin.source())
+    finally:
+        index.stop()
+        del ses
+    assert res.source == origin.source().label
+    assert any(e["event"] == "peers.peer_banned" for e in events)
+    failed = [e for e in events if e["event"] == "fill.source_failed"]
+    assert len(failed) == 1 and "no progress" in failed[0]["error"]
+    assert snapshot(leech.store, origin.commit) == snapshot(seed.store, origin.commit)
+    assert staging_leftovers(leech.store) == []
+
+
+def test_torrent_of_bad_bytes_fails_the_digest_and_is_never_used_again(tmp_path: Path, origin: Origin,
+                                                                       make_node: Callable[..., Node]) -> None:
+    """A peer builds a self-consistent torrent from rotten bytes: libtorrent is happy, the digest is not."""
+    liar = seeder(make_node, origin, "liar")
+    m = liar.store.manifest(REPO, origin.commit)
+    assert m is not None
+    liar.service.unseed(REPO, origin.commit)
+    big = max(m.files, key=lambda f: f.size)
+    blob = liar.store.layout.blob_path(REPO, big.digest)
+    data = bytearray(blob.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    blob.write_bytes(bytes(data))  # same size, one bit off; the liar's torrent is hashed from this
+    for p in (liar.store.layout.agent_dir / "p2p" / "torrents").glob("*.info"):
+        p.unlink()
+    assert liar.seed(m) is not None
+    leech = make_node("leech", host="127.0.0.2", peers=(liar,))
+    with structlog.testing.capture_logs() as events:
+        res = leech.fill(origin.source())
+    assert res.source == origin.source().label  # the origin filled it; nothing from peers published
+    assert leech.store.check(res.manifest, full=True).ok
+    mismatch = [e for e in events if e["event"] == "peers.digest_mismatch"]
+    assert len(mismatch) == 1 and mismatch[0]["file"] == big.path  # downloaded once; the retry refused it
+    failed = [e["error"] for e in events if e["event"] == "fill.source_failed"]
+    assert len(failed) == 1 and "failed the trusted digest" in failed[0]
+
+
+class FirstBytes(NullProgress):
+    def __init__(self) -> None:
+        self.moved = threading.Event()
+
+    def advance(self, nbytes: int) -> None:
+        if nbytes > 0:
+            self.moved.set()
+
+
+def test_seed_killed_mid_transfer_falls_back_to_origin(origin: Origin, make_node: Callable[..., Node]) -> None:
+    seed = seeder(make_node, origin, upload_rate=1 * MiB)
+    leech = make_node("leech", host="127.0.0.2", peers=(seed,), stall_timeout=1.0)
+    progress = FirstBytes()
+    out: list[FillResult | BaseException] = []
+
+    def run() -> None:
+        try:
+            out.append(leech.fill(origin.source(), progress=progress))
+        except BaseException as e:
+            out.append(e)
+
+    with structlog.testing.capture_logs() as events:
+        t = threading.Thread(target=run)
+        t.start()
+        assert progress.moved.wait(20)
+        seed.service.stop()
+        t.join(30)
+    res = out[0]
+    assert isinstance(res, FillResult), res
+    assert res.source == origin.source().label
+    failed = [e for e in events if e["event"] == "fill.source_failed"]
+    assert len(failed) == 1 and failed[0]["source"].startswith("peers") and "no progress" in failed[0]["error"]
+    assert snapshot(leech.store, origin.commit) == snapshot(seed.store, origin.commit)
+    assert staging_leftovers(leech.store) == []
+
+
+@pytest.mark.parametrize("peers", ["none", "dead"])
+def test_no_peer_falls_back_and_holds_the_slot_until_seeding(origin: Origin, make_node: Callable[..., Node],
+                                                             peers: str) -> None:
+    dead = PeerAddr("127.0.0.1", _free_port(), _free_port())
+    leech = make_node("leech", peers=() if peers == "none" else (dead,))
+    with structlog.testing.capture_logs() as events:
+        res = leech.fill(origin.source())
+    assert res.source == origin.source().label and res.manifest.level == "verified"
+    assert [e["event"] for e in events if e["event"].startswith("peers.")] == ["peers.origin_slot"]
+    key = f"{REPO}@{origin.commit}"
+    assert leech.service.gate.held() == [key]  # others keep waiting for this node's torrent...
+    leech.seed(res.manifest)
+    assert leech.service.gate.held() == []  # ...until it is served
+
+
+def test_other_commit_is_never_mixed(origin: Origin, make_node: Callable[..., Node]) -> None:
+    seed = seeder(make_node, origin)  # seeds main only
+    leech = make_node("leech", host="127.0.0.2", peers=(seed,))
+    with structlog.testing.capture_logs() as events:
+        res = leech.fill(origin.source(), "dev")
+    assert res.manifest.commit == origin.commit_dev and res.source == origin.source().label
+    assert not any(e["event"] == "peers.found" for e in events)
+
+
+def test_lying_index_for_another_file_set_is_rejected(origin: Origin, make_node: Callable[..., Node]) -> None:
+    """An index that answers every key with main's info dict: a fill of dev, or of a subset, never takes it."""
+    seed = seeder(make_node, origin)
+    info = next(iter(seed.service._infos.values()))
+    liar = IndexServer("127.0.0.1", 0, lambda _key: info).start()
+    try:
+        leech = make_node("leech", host="127.0.0.2", peers=(PeerAddr("127.0.0.1", seed.service.bt_port, liar.port),))
+        with structlog.testing.capture_logs() as events:
+            dev = leech.fill(origin.source(), "dev")
+            subset = fill_model(leech.store, leech.sources(origin.source()), REPO, "main",
+                                FileFilter(allow=("*.json",)))
+    finally:
+        liar.stop()
+    assert dev.source == subset.source == origin.source().label
+    rejected = [e["error"] for e in events if e["event"] == "peers.metadata_rejected"]
+    assert len(rejected) == 2 and rejected[0].startswith("name: ") and rejected[1].startswith("files: ")
+    assert not any(e["event"] == "peers.found" for e in events)
+
+
+@pytest.fixture
+def small_fs(tmp_path: Path) -> Iterator[Path]:
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(mnt)], capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs for the full-disk case: {r.stderr.strip() or r.returncode}")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_full_disk_on_a_leecher_fails_cleanly(small_fs: Path, origin: Origin, make_node: Callable[..., Node]) -> None:
+    seed = seeder(make_node, origin)
+    leech = make_node("leech", host="127.0.0.2", peers=(seed,), store=Store(small_fs / "cache", fsync=False))
+    src = PeerSource(leech.service, [origin.source()])
+    plan = src.resolve(REPO, "main", FileFilter())
+    with leech.store.lock(REPO):
+        fill = leech.store.begin(plan)
+        needed = fill.needed()
+        fill.check_space(needed)  # passes: then something else takes the space, as on a shared disk
+        ballast = small_fs / "ballast"
+        with open(ballast, "wb") as f:
+            f.write(b"\0" * (leech.store.free_bytes() - 2 * MiB))
+        with pytest.raises(DiskFullError, match="disk full"):
+            src.fetch(plan, needed, fill, NullProgress())
+        fill.abort()
+    assert not leech.store.layout.snapshot_dir(REPO, plan.commit).exists()
+    assert staging_leftovers(leech.store) == []
+    assert seed.service.seeding() and seed.store.check(seed.store.manifest(REPO, origin.commit)).ok  # type: ignore[arg-type]
+    other = make_node("other", host="127.0.0.3", peers=(seed,))  # the seed still serves everyone else
+    assert other.fill(origin.source()).source.startswith("peers")
+
+
+# -- origin slots across nodes --------------------------------------------------------------------------
+
+
+def test_waiting_node_fills_from_the_slot_holder(tmp_path: Path, origin: Origin,
+                                                 make_node: Callable[..., Node]) -> None:
+    slots = tmp_path / "slots"
+    a = make_node("a", slots_dir=slots)
+    b = make_node("b", host="127.0.0.2", peers=(a,), slots_dir=slots)
+    key = f"{REPO}@{origin.commit}"
+    assert a.service.gate.decide(key) == "held"  # a got the only slot first
+    out: list[FillResult | BaseException] = []
+
+    def run_b() -> None:
+        try:
+            out.append(b.fill(origin.source()))
+        except BaseException as e:
+            out.append(e)
+
+    with structlog.testing.capture_logs() as events:
+        t = threading.Thread(target=run_b)
+        t.start()
+        assert wait_for(lambda: any(e["event"] == "peers.waiting_for_holder" for e in events), 10)
+        res_a = a.fill(origin.source())
+        assert res_a.source == origin.source().label
+        a.seed(res_a.manifest)
+        t.join(30)
+    res_b = out[0]
+    assert isinstance(res_b, FillResult), res_b
+    assert res_b.source.startswith("peers") and b.service.gate.held() == []
+    assert snapshot(b.store, origin.commit) == snapshot(a.store, origin.commit)
+
+
+def test_node_without_a_slot_never_reads_the_origin(tmp_path: Path, origin: Origin,
+                                                    make_node: Callable[..., Node]) -> None:
+    slots = tmp_path / "slots"
+    a = make_node("a", slots_dir=slots)
+    b = make_node("b", host="127.0.0.2", peers=(a,), slots_dir=slots, holder_wait=0.3)
+    assert a.service.gate.decide(f"{REPO}@{origin.commit}") == "held"  # a holds it and never seeds
+    with pytest.raises(FillFailed) as exc:
+        b.fill(origin.source())
+    assert not exc.value.permanent  # the loop retries later
+    (_, peers_err), (_, origin_err) = exc.value.attempts
+    assert isinstance(peers_err, TransientSourceError) and "still no torrent" in str(peers_err)
+    assert isinstance(origin_err, TransientSourceError) and "held by other nodes" in str(origin_err)
+    assert not b.store.layout.repo_dir(REPO).exists()
+
+
+def test_dir_slots_cap_release_and_death(tmp_path: Path) -> None:
+    a, b = DirSlots(tmp_path, cap=2), DirSlots(tmp_path, cap=2)
+    assert not a.busy("m@1")
+    s1, s2 = a.try_acquire("m@1"), b.try_acquire("m@1")
+    assert s1 and s2 and b.try_acquire("m@1") is None and a.busy("m@1")
+    assert b.try_acquire("other@1") is not None  # per model
+    s1.release()
+    s3 = b.try_acquire("m@1")
+    assert s3 is not None
+    s2.release()
+    s3.release()
+    assert not a.busy("m@1")
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time\nfrom pathlib import Path\nfrom agent.sources.peers.slots import DirSlots\n"
+        f"s = DirSlots(Path({str(tmp_path)!r}), cap=1).try_acquire('m@1')\nprint(bool(s), flush=True)\n"
+        "time.sleep(60)\n")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "True"
+        one = DirSlots(tmp_path, cap=1)
+        assert one.busy("m@1") and one.try_acquire("m@1") is None
+    finally:
+        holder.kill()
+        holder.wait()
+    assert not one.busy("m@1") and one.try_acquire("m@1") is not None  # a dead holder's slot is free at once
+
+
+# -- the command line -----------------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _free_port_pair() -> int:
+    for _ in range(50):
+        p = _free_port()
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", p + 1))
+            except OSError:
+                continue
+        return p
+    raise RuntimeError("no two consecutive free ports")
+
+
+def test_cli_fill_from_peers(tmp_path: Path, origin: Origin, make_node: Callable[..., Node]) -> None:
+    port = _free_port_pair()
+    seed = make_node("seed", port=port)
+    seed.seed(fill_model(seed.store, [origin.source()], REPO, "main").manifest)
+    assert seed.service.bt_port == port and seed.service.index_port == port + 1
+    out = subprocess.run(agent_cmd("fill", REPO, "--source", "peers", "--source", f"pvc:{origin.root}",
+                                   "--peer", f"127.0.0.1:{port}", "--p2p-port", "0",
+                                   "--cache-dir", str(tmp_path / "cli"), "--json"),
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    res = json.loads(out.stdout)
+    assert res["source"].startswith("peers") and res["level"] == "verified" and res["commit"] == origin.commit
+    got = snapshot(Store(tmp_path / "cli"), origin.commit)
+    assert {k: hashlib.sha256(v).hexdigest() for k, v in got.items()} == {
+        k: hashlib.sha256(v).hexdigest() for k, v in snapshot(seed.store, origin.commit).items()}
