@@ -265,7 +265,8 @@ class PeerService:
         elif isinstance(a, lt.hash_failed_alert):
             t.hash_failures += 1
         elif isinstance(a, lt.peer_ban_alert):
-            t.banned.append(str(a.endpoint[0]))
+            if str(a.endpoint[0]) not in t.banned:
+                t.banned.append(str(a.endpoint[0]))
             log.warning("peers.peer_banned", peer=f"{a.endpoint[0]}:{a.endpoint[1]}", info_hash=ih[:12])
         elif isinstance(a, lt.file_error_alert):
             t.error = (a.error.value(), a.error.message(), a.filename())

@@ -83,6 +83,11 @@ class PeerSource:
             if not self.origins and self._reference is None:
                 break
             if svc.gate.decide(skey) == "held":
+                # A holder serves its torrent before it gives its slot back: asking once more after taking
+                # the slot closes the window between our last look and the slot coming free.
+                torrent = svc.find_info(key, lay)
+                if torrent is not None:
+                    continue
                 log.info("peers.origin_slot", repo=repo, commit=ref.commit[:12], slots=svc.gate.slots.cap)
                 raise NotFoundError(f"peers: no peer has {repo}@{ref.commit[:12]} yet; this node holds an origin "
                                     "slot and fills from the next source")
