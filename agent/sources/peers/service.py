@@ -37,6 +37,7 @@ from typing import Any
 import libtorrent as lt
 import structlog
 
+from agent.cache.hashing import Digests, hash_file
 from agent.cache.manifest import Manifest
 from agent.cache.store import Fill, Store
 from agent.core.plan import FileEntry, ModelPlan
@@ -68,14 +69,16 @@ READ_CHUNK = 8 * 1024 * 1024
 FLUSH_TIMEOUT = 60.0
 RECONNECT_EVERY = 5.0
 
-# Measured on the 2-core VM (bench/fill_peers.py); the docstring there says what each one did.
+# On top of high_performance_seed(); measured with bench/fill_peers.py (its docstring has the figures).
+# Disk and hashing threads scale with cores: on the 2-core VM one hashing and two disk threads beat 2+4.
+_CORES = os.cpu_count() or 2
+HASH_THREADS = min(8, _CORES)  # piece hashes of a model this node filled from the origin
+VERIFY_THREADS = min(8, max(1, _CORES // 2))  # files of one band complete together: hash them in parallel
 TUNING: dict[str, Any] = {
-    "max_out_request_queue": 1500,
-    "max_allowed_in_request_queue": 2000,
     "send_buffer_watermark": 8 * 1024 * 1024,
     "send_buffer_low_watermark": 1024 * 1024,
-    "aio_threads": 4,
-    "hashing_threads": 2,
+    "aio_threads": min(8, max(2, _CORES // 4)),
+    "hashing_threads": min(8, max(1, _CORES // 4)),
 }
 DISK_IO_CONSTRUCTORS = {
     "posix": "posix_disk_io_constructor",
@@ -97,7 +100,8 @@ def session_settings(ps: PeerSettings, listen: str, tuning: dict[str, Any] | Non
         "upload_rate_limit": ps.upload_rate, "download_rate_limit": ps.download_rate,
         "user_agent": "model-cache-agent", "peer_fingerprint": "-MC0100-",
         "alert_mask": (lt.alert_category.error | lt.alert_category.peer | lt.alert_category.status
-                       | lt.alert_category.storage | lt.alert_category.performance_warning),
+                       | lt.alert_category.storage | lt.alert_category.performance_warning
+                       | lt.alert_category.file_progress),
         "alert_queue_size": 10000,
     })
     return s
@@ -124,10 +128,73 @@ class _Transfer:
     removed: threading.Event = field(default_factory=threading.Event)
     hash_failures: int = 0
     banned: list[str] = field(default_factory=list)
+    completed_files: list[int] = field(default_factory=list)  # torrent file indices, in completion order
+    flushes: int = 0  # cache_flushed alerts received
     error: tuple[int, str, str] | None = None  # errno-like value, message, file
 
     def poke(self) -> None:
         self.changed.set()
+
+
+class _Verifier:
+    """Hash each finished file while the rest download: file_completed -> flush -> read back from disk.
+
+    A file is read only after a ``cache_flushed`` alert that answers a flush requested after the file
+    completed (libtorrent may hash a piece from memory before its bytes reach the file), and libtorrent
+    never writes a completed file again, so the digest covers the final bytes. The store still checks
+    it against the trusted digest in ``Fill.complete``.
+    """
+
+    def __init__(self, t: _Transfer, targets: dict[int, tuple[FileEntry, Path]], *, fsync: bool) -> None:
+        self.t = t
+        self.targets = targets
+        self.fsync = fsync
+        self._pool = ThreadPoolExecutor(VERIFY_THREADS, thread_name_prefix="p2p-verify")
+        self._seen = 0  # completed_files consumed
+        self._requested = 0  # flushes asked for
+        self._waiting: list[tuple[int, int]] = []  # (flush number that covers it, file index)
+        self._futures: dict[int, Future[Digests]] = {}
+
+    def request_flush(self, handle: Any) -> None:
+        self._requested += 1
+        handle.flush_cache()
+
+    def wait_flushed(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while self.t.flushes < self._requested and time.monotonic() < deadline:
+            self.t.flushed.wait(0.05)
+            self.t.flushed.clear()
+
+    def poll(self, handle: Any = None) -> None:
+        done = self.t.completed_files
+        if handle is not None and len(done) > self._seen:
+            fresh = [i for i in done[self._seen:] if i in self.targets]
+            self._seen = len(done)
+            if fresh:
+                self.request_flush(handle)
+                self._waiting += [(self._requested, i) for i in fresh]
+        ready = [i for n, i in self._waiting if n <= self.t.flushes]
+        self._waiting = [(n, i) for n, i in self._waiting if n > self.t.flushes]
+        for i in ready:
+            log.debug("peers.verify_early", file=self.targets[i][0].path)
+            self._futures[i] = self._pool.submit(self._hash, *self.targets[i])
+
+    def _hash(self, entry: FileEntry, path: Path) -> Digests:
+        d = hash_file(path, entry.algo, size=entry.size)
+        if self.fsync:
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        return d
+
+    def result(self, i: int) -> Digests:
+        fut = self._futures.get(i)
+        return fut.result() if fut is not None else self._hash(*self.targets[i])
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
 
 
 @dataclass
@@ -273,7 +340,10 @@ class PeerService:
         elif isinstance(a, lt.torrent_error_alert) and a.error.value():
             t.error = (a.error.value(), a.error.message(), "")
         elif isinstance(a, lt.cache_flushed_alert):
+            t.flushes += 1
             t.flushed.set()
+        elif isinstance(a, lt.file_completed_alert):
+            t.completed_files.append(a.index)
         elif isinstance(a, lt.performance_alert):
             log.debug("peers.performance_warning", message=a.message())
         t.poke()
@@ -339,14 +409,20 @@ class PeerService:
             info = self._cached_info(store, key, lay)
             if info is None:
                 t0 = time.monotonic()
-                info = build_info(lay, piece_hashes(_read_files(blobs), lay.piece_length))
+                info = build_info(lay, hash_pieces(blobs, lay))
                 log.info("peers.hashed", repo=manifest.repo, commit=manifest.commit[:12], bytes=lay.total_bytes,
                          seconds=round(time.monotonic() - t0, 3))
                 _write_info_cache(store, key, info)
             ih = info_hash(info)
+            # Blobs the store still vouches for (size, mtime, inode as verified at publish) are served as
+            # they are: a SHA-1 pass per piece would cost a seeding GPU node ~1.4 s of CPU per GB. Otherwise
+            # seed_mode checks each piece on its first request. The receiver checks every piece either way.
+            trusted = not self.settings.seed_verify and store.check(manifest).ok
             atp = _add_params(info, save_path=store.layout.agent_dir / "p2p" / "seed",
                               renamed={i: str(b) for i, b in enumerate(blobs)},
-                              flags=lt.torrent_flags.seed_mode | lt.torrent_flags.upload_mode)
+                              flags=lt.torrent_flags.upload_mode | (0 if trusted else lt.torrent_flags.seed_mode))
+            if trusted:
+                atp.have_pieces = [True] * lay.num_pieces
             with self._mu:
                 if self._ses is None or self._closing.is_set():
                     return None
@@ -428,15 +504,20 @@ class PeerService:
         work = fill.dir / "p2p"
         renamed: dict[int, str] = {}
         prios: list[int] = []
-        targets: dict[str, Path] = {}
+        targets: dict[int, tuple[FileEntry, Path]] = {}
+        total = sum(e.size for e in wanted.values())
+        before = 0
         for i, f in enumerate(ref.layout.files):
             e = wanted.get(f.path)
             target = work / (f"{i}.part" if e is not None else f"skip-{i}")
             renamed[i] = str(target)
-            prios.append(4 if e is not None else 0)
+            # Earlier bytes first, in 7 bands by position (libtorrent's priorities 7..1): files complete
+            # one band after another and are hashed while later ones arrive, instead of all at the end.
+            prios.append(7 - 6 * before // total if e is not None else 0)
             if e is not None:
-                targets[f.path] = target
-        missing = set(wanted) - set(targets)
+                targets[i] = (e, target)
+                before += e.size
+        missing = set(wanted) - {e.path for e, _ in targets.values()}
         if missing:
             raise UnsafePathError(f"peers: {sorted(missing)[0]} is not in torrent {ref.info_hash[:12]}")
         _ensure_inside(work, fill.store.layout.staging_root)
@@ -444,6 +525,7 @@ class PeerService:
         atp = _add_params(ref.info, save_path=work, renamed=renamed, flags=0)
         atp.file_priorities = prios
         t = _Transfer()
+        verifier = _Verifier(t, targets, fsync=fill.store.fsync)
         handle = None
         with self._mu:
             if self._ses is None:
@@ -460,28 +542,35 @@ class PeerService:
             self._connect(handle, holders)
             blog.info("peers.download_start", files=len(wanted), bytes=sum(e.size for e in wanted.values()),
                       holders=[str(h) for h in holders])
-            self._wait_finished(handle, t, fill, progress, holders, blog)
-            handle.flush_cache()
-            t.flushed.wait(FLUSH_TIMEOUT)
+            t0 = time.monotonic()
+            self._wait_finished(handle, t, fill, progress, holders, verifier)
+            t1 = time.monotonic()
+            verifier.request_flush(handle)
+            verifier.wait_flushed(FLUSH_TIMEOUT)
+            verifier.poll()
             self._remove(handle, t)
             handle = None
+            t2 = time.monotonic()
             downloaded = 0
-            for path, target in targets.items():
-                e = wanted[path]
+            for i, (e, target) in targets.items():
+                d = verifier.result(i)
                 os.replace(target, fill.part_path(e))
                 try:
-                    fill.adopt(e)
+                    fill.complete(e, d)
                 except IntegrityError:
                     self.reject(ref)
-                    blog.error("peers.digest_mismatch", file=path, hash_failures=t.hash_failures,
+                    blog.error("peers.digest_mismatch", file=e.path, hash_failures=t.hash_failures,
                                error="bytes from peers passed the piece hashes but not the trusted digest")
                     self.stats_bytes["rejected"] += e.size
                     raise
                 downloaded += e.size
             self.stats_bytes["downloaded"] += downloaded
             _write_info_cache(fill.store, ref.key, ref.info)  # seeding it after publish needs no re-hash
-            blog.info("peers.download_done", bytes=downloaded, hash_failures=t.hash_failures, banned=t.banned)
+            blog.info("peers.download_done", bytes=downloaded, hash_failures=t.hash_failures, banned=t.banned,
+                      transfer_s=round(t1 - t0, 3), flush_s=round(t2 - t1, 3),
+                      verify_s=round(time.monotonic() - t2, 3))
         finally:
+            verifier.close()
             if handle is not None:
                 self._remove(handle, t)
             with self._mu:
@@ -491,7 +580,7 @@ class PeerService:
             shutil.rmtree(work, ignore_errors=True)
 
     def _wait_finished(self, handle: Any, t: _Transfer, fill: Fill, progress: Progress,
-                       holders: Sequence[PeerAddr], blog: Any) -> None:
+                       holders: Sequence[PeerAddr], verifier: _Verifier) -> None:
         done = 0
         last_progress = last_connect = self.clock()
         while True:
@@ -505,6 +594,7 @@ class PeerService:
                 if value == errno.ENOSPC:
                     raise DiskFullError(f"peers: disk full while writing {path or fill.dir}: {message}")
                 raise TransientSourceError(f"peers: libtorrent error {value} ({message}) on {path or 'torrent'}")
+            verifier.poll(handle)
             st = handle.status()
             now = self.clock()
             if st.total_wanted_done > done:
@@ -572,13 +662,43 @@ def _ensure_inside(path: Path, root: Path) -> None:
         raise UnsafePathError(f"peers: {path} is outside {root}")
 
 
-def _read_files(paths: Sequence[Path]) -> Iterator[bytes]:
-    for p in paths:
-        with open(p, "rb", buffering=0) as f:
-            if hasattr(os, "posix_fadvise"):
-                os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)
-            while chunk := f.read(READ_CHUNK):
-                yield chunk
+def _read_range(paths: Sequence[Path], sizes: Sequence[int], start: int, end: int) -> Iterator[bytes]:
+    """Bytes [start, end) of the files concatenated, read in READ_CHUNK pieces."""
+    pos = 0
+    for path, size in zip(paths, sizes, strict=True):
+        lo, hi = max(start, pos), min(end, pos + size)
+        if lo < hi:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                os.posix_fadvise(fd, lo - pos, hi - lo, os.POSIX_FADV_SEQUENTIAL)
+                off = lo - pos
+                while off < hi - pos:
+                    chunk = os.pread(fd, min(READ_CHUNK, hi - pos - off), off)
+                    if not chunk:
+                        raise IntegrityError(str(path), f"file ended at {off} bytes, expected {size}")
+                    off += len(chunk)
+                    yield chunk
+            finally:
+                os.close(fd)
+        pos += size
+
+
+def hash_pieces(paths: Sequence[Path], lay: TorrentLayout, workers: int = HASH_THREADS) -> bytes:
+    """The torrent's piece hashes from the files, ``workers`` contiguous piece ranges at once.
+
+    Pieces are independent, so a slot holder with many cores hashes a 140 GB model in parallel (hashlib
+    releases the GIL); on one core this is one sequential read.
+    """
+    n, plen = lay.num_pieces, lay.piece_length
+    sizes = [f.size for f in lay.files]
+    total = lay.total_bytes
+    bounds = [n * k // workers for k in range(workers + 1)]
+    ranges = [(bounds[k] * plen, min(total, bounds[k + 1] * plen)) for k in range(workers) if bounds[k] < bounds[k + 1]]
+    if len(ranges) == 1:
+        return piece_hashes(_read_range(paths, sizes, 0, total), plen)
+    with ThreadPoolExecutor(len(ranges), thread_name_prefix="p2p-hash") as pool:
+        parts = pool.map(lambda r: piece_hashes(_read_range(paths, sizes, *r), plen), ranges)
+        return b"".join(parts)
 
 
 def _info_cache_path(store: Store, key: str) -> Path:

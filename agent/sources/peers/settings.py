@@ -13,7 +13,7 @@ from agent.errors import ConfigError
 
 DEFAULT_P2P_PORT = 6881
 INDEX_PORT_OFFSET = 1
-DISK_IO = ("posix", "pread", "mmap")
+DISK_IO = ("pread", "posix", "mmap")
 
 
 @dataclass(frozen=True)
@@ -48,7 +48,8 @@ class PeerSettings:
     download_rate: int = 0
     origin_concurrency: int = 1  # nodes per model that fetch from the configured sources at once
     slots_dir: Path | None = None  # shared dir for file-mode origin slots (flock); None: this process only
-    disk_io: str = "posix"  # libtorrent disk backend: posix | pread | mmap (see bench/fill_peers.py)
+    disk_io: str = "pread"  # libtorrent disk backend: pread | posix | mmap (see bench/fill_peers.py)
+    seed_verify: bool = False  # SHA-1 every piece before serving it, even from blobs the store vouches for
     stall_timeout: float = 30.0  # seconds without a new verified piece before the swarm is given up
     holder_wait: float = 3600.0  # longest wait for another node's origin fill before retrying later
     poll_interval: float = 0.5  # index polling while another node holds the origin slot
