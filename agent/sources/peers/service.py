@@ -67,6 +67,7 @@ from agent.sources.peers.slots import DirSlots, LocalSlots, OriginGate, OriginSl
 log = structlog.get_logger("agent.sources.peers")
 READ_CHUNK = 8 * 1024 * 1024
 FLUSH_TIMEOUT = 60.0
+REMOVE_TIMEOUT = 10.0
 RECONNECT_EVERY = 5.0
 
 # On top of high_performance_seed(); measured with bench/fill_peers.py (its docstring has the figures).
@@ -161,7 +162,7 @@ class _Verifier:
 
     def wait_flushed(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
-        while self.t.flushes < self._requested and time.monotonic() < deadline:
+        while self.t.flushes < self._requested and self.t.error is None and time.monotonic() < deadline:
             self.t.flushed.wait(0.05)
             self.t.flushed.clear()
 
@@ -551,9 +552,11 @@ class PeerService:
             self._remove(handle, t)
             handle = None
             t2 = time.monotonic()
+            _raise_storage_error(t, fill)  # a write that failed after its piece passed (pread writes later)
             downloaded = 0
             for i, (e, target) in targets.items():
                 d = verifier.result(i)
+                _check_written(target, e, fill)
                 os.replace(target, fill.part_path(e))
                 try:
                     fill.complete(e, d)
@@ -571,8 +574,11 @@ class PeerService:
                       verify_s=round(time.monotonic() - t2, 3))
         finally:
             verifier.close()
-            if handle is not None:
-                self._remove(handle, t)
+            if handle is not None:  # failed: drop the partial files first, so writes parked on a full disk end
+                for partial in (p for p in work.rglob("*") if p.is_file()):  # ours and libtorrent's part file
+                    with contextlib.suppress(OSError):
+                        os.truncate(partial, 0)
+                self._remove(handle, t, delete=True)
             with self._mu:
                 self._transfers.pop(ref.info_hash, None)
                 if ref.key not in self._seeds:  # the torrent is gone: stop pointing others at it
@@ -589,11 +595,7 @@ class PeerService:
             fill.check_stop()
             if self._closing.is_set():
                 raise Cancelled("peers: the p2p service is stopping")
-            if t.error is not None:
-                value, message, path = t.error
-                if value == errno.ENOSPC:
-                    raise DiskFullError(f"peers: disk full while writing {path or fill.dir}: {message}")
-                raise TransientSourceError(f"peers: libtorrent error {value} ({message}) on {path or 'torrent'}")
+            _raise_storage_error(t, fill)
             verifier.poll(handle)
             st = handle.status()
             now = self.clock()
@@ -613,11 +615,17 @@ class PeerService:
                 self._connect(handle, holders)
                 last_connect = now
 
-    def _remove(self, handle: Any, t: _Transfer) -> None:
+    def _remove(self, handle: Any, t: _Transfer, *, delete: bool = False) -> None:
+        """Remove a torrent and wait for libtorrent to let go of its files.
+
+        With pread disk I/O, writes that hit ENOSPC stay queued and hold the removal until there is
+        space again; on failure the files are truncated (by the caller) and deleted with the torrent.
+        """
         with self._mu:
             if self._ses is not None:
-                self._ses.remove_torrent(handle)
-        t.removed.wait(FLUSH_TIMEOUT)
+                self._ses.remove_torrent(handle, lt.session.delete_files if delete else 0)
+        if not t.removed.wait(REMOVE_TIMEOUT if delete else FLUSH_TIMEOUT):
+            log.warning("peers.remove_slow", seconds=REMOVE_TIMEOUT if delete else FLUSH_TIMEOUT)
 
     def _connect(self, handle: Any, peers: Sequence[PeerAddr]) -> None:
         own = {self.bt_port}
@@ -641,6 +649,31 @@ class PeerService:
             return {"uploaded_bytes": int(st.total_upload), "downloaded_bytes": int(st.total_download),
                     "peers": int(st.num_peers), "seeding": len(self._seeds),
                     "verified_bytes": self.stats_bytes["downloaded"], "rejected_bytes": self.stats_bytes["rejected"]}
+
+
+def _raise_storage_error(t: _Transfer, fill: Fill) -> None:
+    if t.error is None:
+        return
+    value, message, path = t.error
+    if value == errno.ENOSPC:
+        raise DiskFullError(f"peers: disk full while writing {path or fill.dir}: {message}")
+    raise TransientSourceError(f"peers: libtorrent error {value} ({message}) on {path or 'torrent'}")
+
+
+def _check_written(path: Path, entry: FileEntry, fill: Fill) -> None:
+    """A file with holes was not fully written here: a local failure (disk full), not a peer's lie.
+
+    Without this a write that failed after its piece passed would look like bad bytes from peers and
+    get an honest torrent refused.
+    """
+    st = os.stat(path)
+    if st.st_size == entry.size and st.st_blocks * 512 >= st.st_size:
+        return
+    message = (f"peers: {entry.path} was not fully written ({st.st_blocks * 512} of {entry.size} bytes on disk, "
+               f"{shutil.disk_usage(fill.dir).free} bytes free)")
+    if shutil.disk_usage(fill.dir).free < entry.size - st.st_blocks * 512:
+        raise DiskFullError(message.replace("peers: ", "peers: disk full: ", 1))
+    raise TransientSourceError(message)
 
 
 def _listen_host(host: str) -> str:
