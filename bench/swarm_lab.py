@@ -12,7 +12,9 @@ Every agent runs the real fill path: sources ``[peers, hub]`` with origin slots 
 share (``originConcurrency`` 1): one agent fills from the Hub, the rest wait for its torrent and fill
 from the swarm; each seeds after publishing. Printed per N: time until all N are ready, the Kumar-Ross
 limit max(F/u_s, F/d, N*F/(u_s + N*u)) for those rates and the ratio, origin bytes / model size (what
-the Hub sent), bytes each agent got from peers. Namespaces, veths and processes are removed whatever
+the Hub sent), bytes each agent got from peers, and what each uploaded and downloaded on the wire.
+``LAB_TUNING='{...}'`` merges libtorrent settings in every agent (experiments); ``LAB_LOG=info`` with
+``--logs DIR`` keeps each agent's log. Namespaces, veths and processes are removed whatever
 happens. Without the privileges for namespaces it says why and runs on loopback instead, with
 libtorrent's own rate limits for the nodes (the origin is then not shaped).
 """
@@ -87,7 +89,7 @@ def run_node(args: argparse.Namespace) -> None:
                       peers=tuple(parse_peer_addr(p) for p in args.peer or []),
                       upload_rate=args.rate, download_rate=args.rate, origin_concurrency=1,
                       slots_dir=Path(args.slots), poll_interval=0.2, stall_timeout=30, disk_io="pread")
-    service = PeerService(ps).start()
+    service = PeerService(ps, tuning=json.loads(os.environ.get("LAB_TUNING") or "{}")).start()
     hub = HubSource(SourceSettings(hf_endpoint=args.hub, timeout=60))
     sources = [PeerSource(service, [hub]), SlottedSource(hub, service.gate)]
     store = Store(Path(args.cache))
@@ -327,6 +329,8 @@ def run_lab(n: int, src: Path, work: Path, *, node_rate: float, origin_rate: flo
         origin.send("stats")
         served = origin.read()
         ready = sorted(d["done"] - go for d in done)
+        print("  uploaded MB per node (wire):", [round(x.get("uploaded_bytes", 0) / 1e6) for x in stats],
+              "downloaded:", [round(x.get("downloaded_bytes", 0) / 1e6) for x in stats], flush=True)
         return LabResult(
             nodes=n, size=size, seconds=ready[-1],
             limit=kumar_ross(size, n, node_rate * MBIT, node_rate * MBIT, origin_rate * MBIT),

@@ -143,3 +143,14 @@ def test_bencode_roundtrip_and_canonical_decoding() -> None:
             T.bdecode(bad)
     with pytest.raises(TypeError):
         T.bencode(True)  # type: ignore[arg-type]
+
+
+def test_piece_priorities_bands_and_shares() -> None:
+    files = {"a.bin": b"a" * (3 * T.MiB), "b.bin": b"b" * (T.MiB // 2), "c.bin": b"c" * (2 * T.MiB)}
+    lay = T.layout(REPO, COMMIT, entries(files))
+    assert lay.num_pieces == 6  # a: 0-2, b: 3 (half), c: 3 (other half)-5
+    everything = set(files)
+    assert T.piece_priorities(lay, everything) == [7, 6, 5, 4, 3, 2]  # earlier bytes first
+    assert T.piece_priorities(lay, {"b.bin"}) == [0, 0, 0, 4, 0, 0]  # a piece touching a wanted file counts
+    assert T.piece_priorities(lay, {"a.bin", "c.bin"}, share=(1, 3)) == [1, 7, 1, 1, 7, 1]
+    assert T.piece_priorities(lay, {"c.bin"}, share=(0, 2)) == [0, 0, 0, 1, 7, 1]

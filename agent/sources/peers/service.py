@@ -49,6 +49,7 @@ from agent.core.torrent import (
     info_hash,
     layout,
     piece_hashes,
+    piece_priorities,
     plan_key,
 )
 from agent.errors import (
@@ -68,7 +69,7 @@ log = structlog.get_logger("agent.sources.peers")
 READ_CHUNK = 8 * 1024 * 1024
 FLUSH_TIMEOUT = 60.0
 REMOVE_TIMEOUT = 10.0
-RECONNECT_EVERY = 5.0
+RECONNECT_EVERY = 2.0
 
 # On top of high_performance_seed(); measured with bench/fill_peers.py (its docstring has the figures).
 # Disk and hashing threads scale with cores: on the 2-core VM one hashing and two disk threads beat 2+4.
@@ -76,6 +77,12 @@ _CORES = os.cpu_count() or 2
 HASH_THREADS = min(8, _CORES)  # piece hashes of a model this node filled from the origin
 VERIFY_THREADS = min(8, max(1, _CORES // 2))  # files of one band complete together: hash them in parallel
 TUNING: dict[str, Any] = {
+    # Shallow request queues and no read-cache suggestions: with the defaults (1500 blocks, suggest_read_cache)
+    # leechers asked the one seed for the same pieces and it sent a model about 1.5 times (swarm lab); on
+    # loopback 100 blocks (1.6 MiB) per peer still kept one fast link full (bench/fill_peers.py).
+    "max_out_request_queue": 100,
+    "request_queue_time": 1,
+    "suggest_mode": 0,
     "send_buffer_watermark": 8 * 1024 * 1024,
     "send_buffer_low_watermark": 1024 * 1024,
     "aio_threads": min(8, max(2, _CORES // 4)),
@@ -131,6 +138,7 @@ class _Transfer:
     banned: list[str] = field(default_factory=list)
     completed_files: list[int] = field(default_factory=list)  # torrent file indices, in completion order
     flushes: int = 0  # cache_flushed alerts received
+    peers_seen: int = 0  # most peers connected at once
     error: tuple[int, str, str] | None = None  # errno-like value, message, file
 
     def poke(self) -> None:
@@ -504,27 +512,21 @@ class PeerService:
             return
         work = fill.dir / "p2p"
         renamed: dict[int, str] = {}
-        prios: list[int] = []
         targets: dict[int, tuple[FileEntry, Path]] = {}
-        total = sum(e.size for e in wanted.values())
-        before = 0
         for i, f in enumerate(ref.layout.files):
             e = wanted.get(f.path)
             target = work / (f"{i}.part" if e is not None else f"skip-{i}")
             renamed[i] = str(target)
-            # Earlier bytes first, in 7 bands by position (libtorrent's priorities 7..1): files complete
-            # one band after another and are hashed while later ones arrive, instead of all at the end.
-            prios.append(7 - 6 * before // total if e is not None else 0)
             if e is not None:
                 targets[i] = (e, target)
-                before += e.size
         missing = set(wanted) - {e.path for e, _ in targets.values()}
         if missing:
             raise UnsafePathError(f"peers: {sorted(missing)[0]} is not in torrent {ref.info_hash[:12]}")
         _ensure_inside(work, fill.store.layout.staging_root)
         work.mkdir(parents=True, exist_ok=True)
         atp = _add_params(ref.info, save_path=work, renamed=renamed, flags=0)
-        atp.file_priorities = prios
+        atp.file_priorities = [4 if f.path in wanted else 0 for f in ref.layout.files]
+        atp.piece_priorities = piece_priorities(ref.layout, set(wanted), share=self._share())
         t = _Transfer()
         verifier = _Verifier(t, targets, fsync=fill.store.fsync)
         handle = None
@@ -570,6 +572,7 @@ class PeerService:
             self.stats_bytes["downloaded"] += downloaded
             _write_info_cache(fill.store, ref.key, ref.info)  # seeding it after publish needs no re-hash
             blog.info("peers.download_done", bytes=downloaded, hash_failures=t.hash_failures, banned=t.banned,
+                      peers=t.peers_seen,
                       transfer_s=round(t1 - t0, 3), flush_s=round(t2 - t1, 3),
                       verify_s=round(time.monotonic() - t2, 3))
         finally:
@@ -585,6 +588,14 @@ class PeerService:
                     self._infos.pop(ref.key, None)
             shutil.rmtree(work, ignore_errors=True)
 
+    def _share(self) -> tuple[int, int] | None:
+        """This node's place among the nodes it knows (itself and its static peers), when there are 3+."""
+        ps = self.settings
+        host = ps.listen_host if ps.listen_host not in ("0.0.0.0", "::", "") else socket.gethostname()
+        me = f"{host}:{ps.port or self.bt_port}"
+        everyone = sorted({me, *(str(p) for p in ps.peers)})
+        return (everyone.index(me), len(everyone)) if len(everyone) > 2 else None
+
     def _wait_finished(self, handle: Any, t: _Transfer, fill: Fill, progress: Progress,
                        holders: Sequence[PeerAddr], verifier: _Verifier) -> None:
         done = 0
@@ -599,6 +610,7 @@ class PeerService:
             verifier.poll(handle)
             st = handle.status()
             now = self.clock()
+            t.peers_seen = max(t.peers_seen, st.num_peers)
             if st.total_wanted_done > done:
                 progress.advance(st.total_wanted_done - done)
                 done = st.total_wanted_done
@@ -611,9 +623,12 @@ class PeerService:
                 raise TransientSourceError(
                     f"peers: no progress for {self.settings.stall_timeout:g}s ({done} of {st.total_wanted} bytes, "
                     f"{st.num_peers} peers connected, {len(t.banned)} banned, {t.hash_failures} bad pieces)")
-            if now - last_connect > RECONNECT_EVERY and st.num_peers == 0:
+            if now - last_connect > RECONNECT_EVERY and st.num_peers < len(holders):
+                # Peers that joined after our first try refused then (no such torrent yet), and libtorrent
+                # gives a refused peer up; asking again is a no-op for peers already connected.
                 self._connect(handle, holders)
                 last_connect = now
+
 
     def _remove(self, handle: Any, t: _Transfer, *, delete: bool = False) -> None:
         """Remove a torrent and wait for libtorrent to let go of its files.
