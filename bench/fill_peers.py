@@ -1,6 +1,6 @@
 """One seeding agent -> one filling agent over loopback, against ``curl`` + ``hashlib.sha256`` of the same bytes.
 
-Run from the repo root: ``nice -n 10 python -m bench.fill_peers [--size 2G] [--rounds 2] [--disk-io posix]
+Run from the repo root: ``nice -n 10 python -m bench.fill_peers [--size 2G] [--rounds 2] [--disk-io pread]
 [--tuning JSON] [--piece-min 1M] [--seed-check verify|trust] [--dir D]``.
 
 Processes (each measured on its own: wall, CPU seconds from getrusage, peak RSS):
@@ -13,6 +13,23 @@ Throughput ratio = leech MB/s / baseline MB/s (goal >= 0.8). The blobs are warm 
 the seeding side for both. ``--tuning`` is merged over libtorrent's settings (service.TUNING);
 ``--seed-check verify`` seeds in ``seed_mode`` (SHA-1 of each piece on its first request) instead of
 the service's default for blobs the store vouches for (every piece marked present, served unhashed).
+
+Measured on the shared 2-core VM (AMD EPYC, SHA-NI; load 2-6 from other work), 2.15 GB in 12 files:
+- final settings, best of 3 (load 2.1): peers 386 MB/s vs baseline 476 MB/s = 0.81; CPU 2.5-2.6 s/GB
+  leech vs 2.2-2.6 baseline (curl + sha256); seeder 0.49 s/GB vs 0.09 (aiohttp sendfile); peak RSS
+  leech 154-184 MB, seeder 96 MB, baseline 39 MB.
+- disk I/O: posix 107-144 MB/s, 3.9 s/GB (one thread does recv, write, read-back and SHA-1); pread
+  ~190-340 MB/s, 2.8-3.0 s/GB; mmap 187-299 MB/s, 3.3 s/GB and 1.15 GB peak RSS (libtorrent #6667).
+- seeding: seed_mode costs the seeder 1.5 s/GB (SHA-1 per piece) against 0.55 s/GB when store-verified
+  blobs are served as they are.
+- threads: 1 hashing + 2 disk threads beat 2 + 4 on 2 cores (264/342 vs 192/217 MB/s); scaled by cores.
+- socket buffers 4 MiB, 4 MiB pieces, max_queued_disk_bytes 64 MiB, the issue's queues (4000/4000,
+  128 MiB send watermark): within the noise of this box (203-305 MB/s, 2.8-2.9 s/GB); not kept.
+- request queue 100 blocks + request_queue_time 1 + no read-cache suggestions: 372/304 MB/s, 2.6 s/GB
+  here, and what the swarm lab needed (the seed stopped sending pieces twice): kept.
+- where the leech's CPU goes (perf): kernel 44% (copying into the page cache 22%, socket and read-back
+  copies), libtorrent 23% (SHA-1 of pieces, request handling), sha256 of the store's check 19%, xxh3 2%.
+  Files are hashed while later ones download, so that check mostly overlaps the transfer.
 """
 
 from __future__ import annotations

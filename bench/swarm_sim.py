@@ -164,8 +164,8 @@ def simulate(sc: Scenario) -> SimResult:
         if t >= first_release + sc.join_delay:
             joined[k:] = np.minimum(joined[k:], first_release + sc.join_delay)
 
-        serving = serving_from <= t
         leeching = (joined <= t) & ~np.isfinite(done_at) & ~is_holder
+        serving = (serving_from <= t) | leeching  # a leecher shares what it has; a finished one after publish
         count = have.sum(1)
         # assign pieces to idle links whose uploader gained pieces since the last miss
         idle = (lp < 0) & serving[lu] & leeching[ld] & (count[lu] > tried)
