@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -244,7 +245,7 @@ def test_only_corrupt_peers_fall_back_to_origin(tmp_path: Path, origin: Origin,
     try:
         seed.service.unseed(REPO, origin.commit)  # the honest copy is gone; its info dict lives on in the liar
         rotten = PeerAddr("127.0.0.3", ses.listen_port(), index.port)  # type: ignore[attr-defined]
-        leech = make_node("leech", host="127.0.0.2", peers=(rotten,), stall_timeout=1.0)
+        leech = make_node("leech", host="127.0.0.2", peers=(rotten,), stall_timeout=3.0)
         with structlog.testing.capture_logs() as events:
             res = leech.fill(origin.source())
     finally:
@@ -382,12 +383,11 @@ def test_full_disk_on_a_leecher_fails_cleanly(small_fs: Path, origin: Origin, ma
     with leech.store.lock(REPO):
         fill = leech.store.begin(plan)
         needed = fill.needed()
-        fill.check_space(needed)  # passes: then something else takes the space, as on a shared disk
-        ballast = small_fs / "ballast"
-        with open(ballast, "wb") as f:
-            f.write(b"\0" * (leech.store.free_bytes() - 2 * MiB))
-        with pytest.raises(DiskFullError, match="disk full"):
-            src.fetch(plan, needed, fill, NullProgress())
+        with fill.reserve(needed):  # passes: then something else takes the space, as on a shared disk
+            with open(small_fs / "ballast", "wb") as f:
+                f.write(b"\0" * (shutil.disk_usage(small_fs).free - 2 * MiB))
+            with pytest.raises(DiskFullError, match="disk full"):
+                src.fetch(plan, needed, fill, NullProgress())
         fill.abort()
     assert not leech.store.layout.snapshot_dir(REPO, plan.commit).exists()
     assert staging_leftovers(leech.store) == []
