@@ -321,6 +321,13 @@ def test_seed_killed_mid_transfer_falls_back_to_origin(origin: Origin, make_node
     assert staging_leftovers(leech.store) == []
 
 
+def test_discovered_peers_replace_the_static_list(origin: Origin, make_node: Callable[..., Node]) -> None:
+    seed = seeder(make_node, origin)
+    leech = make_node("leech", host="127.0.0.2")  # knows nobody at start
+    leech.service.set_peers([seed.addr])  # what cluster discovery calls
+    assert leech.fill(origin.source()).source.startswith("peers")
+
+
 @pytest.mark.parametrize("peers", ["none", "dead"])
 def test_no_peer_falls_back_and_holds_the_slot_until_seeding(origin: Origin, make_node: Callable[..., Node],
                                                              peers: str) -> None:

@@ -30,7 +30,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -295,6 +295,10 @@ class PeerService:
         if ses is not None:
             ses.pause()
             del ses  # the destructor waits for libtorrent's threads
+
+    def set_peers(self, peers: Sequence[PeerAddr]) -> None:
+        """Replace the known peers (cluster discovery); new downloads and seeds use the new list."""
+        self.settings = replace(self.settings, peers=tuple(peers))
 
     @property
     def closing(self) -> threading.Event:
