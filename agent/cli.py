@@ -31,7 +31,7 @@ EXIT_OK, EXIT_PROBLEM, EXIT_USAGE = 0, 1, 2
 WEEK = 7 * 86400.0
 STOP_GRACE = 1.2  # seconds a stopped fill gets to wind down before the process exits anyway
 ONE_SHOT = ("fill", "verify", "status", "coverage")
-SOURCES_HELP = "pvc:PATH | hub | modelexpress[:ADDR]"
+SOURCES_HELP = "pvc:PATH | hub | modelexpress[:ADDR] | peers"
 MODELS_EXAMPLE = "manifests/examples/models.yaml"
 
 RUN_EPILOG = f"""\
@@ -81,6 +81,25 @@ def _json_arg(p: argparse.ArgumentParser, what: str) -> None:
     p.add_argument("--json", action="store_true", help=f"print {what} as JSON on stdout (default: off)")
 
 
+# -- peers source (issue 13) -------------------------------------------------------------------------
+
+
+def _peer_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("peers source (--source peers)")
+    g.add_argument("--peer", action="append", metavar="HOST:PORT",
+                   help="another agent's p2p port; repeatable (default: none; env MODEL_CACHE_PEERS)")
+    g.add_argument("--p2p-port", metavar="PORT",
+                   help="BitTorrent port; the torrent index listens on PORT+1 (default: 6881)")
+    g.add_argument("--p2p-upload-rate", metavar="BYTES",
+                   help="upload limit per second, e.g. 500M (default: 0, unlimited)")
+    g.add_argument("--p2p-download-rate", metavar="BYTES",
+                   help="download limit per second (default: 0, unlimited)")
+    g.add_argument("--origin-concurrency", metavar="N",
+                   help="nodes per model filling from the other sources at once (default: 1)")
+    g.add_argument("--origin-slots-dir", metavar="DIR",
+                   help="directory shared by the agents of one host for origin slots (default: this process only)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = _Parser(prog="model-cache-agent", formatter_class=_formatter,
                  description="Keep Hugging Face models warm in a node-local cache and label the node.")
@@ -112,6 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--lock-timeout", metavar="SECONDS",
                    help="give up after waiting this long for another fill of the repo (default: wait)")
     _json_arg(f, "the result (or the error)")
+    _peer_args(f)
     _cache_dir_arg(f)
 
     v = sub.add_parser("verify", help="check cached snapshots against their manifests", formatter_class=_formatter,
@@ -180,6 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--in-use-file", metavar="FILE",
                    help="no cluster: file of model names in use by workers, one per line, never evicted "
                         "(default: none)")
+    _peer_args(r)
 
     c = sub.add_parser("coverage", help="READY n/m per model over the nodes it is meant for",
                        formatter_class=_formatter,
@@ -305,7 +326,7 @@ def _check_pvc_readable(path: str) -> None:
 
 def cmd_fill(args: argparse.Namespace) -> int:
     from agent.cache.store import Store
-    from agent.config import number, parse_sources, source_settings
+    from agent.config import number, parse_sources, peer_settings, source_settings
     from agent.core.spec import FileFilter, validate_glob, validate_repo_id, validate_revision, validate_subpath
     from agent.progress import for_terminal
     from agent.runtime.fill import FillFailed, fill_model
@@ -327,8 +348,8 @@ def cmd_fill(args: argparse.Namespace) -> int:
     root, origin = _root(args)
     _check_writable(root, origin)
     store = Store(root)
-    sources = for_model(open_sources(list(refs), source_settings(os.environ, token_file=args.token_file)),
-                        pvc_subpath=args.pvc_subpath)
+    settings = source_settings(os.environ, token_file=args.token_file, peers=peer_settings(args, os.environ, {}))
+    sources = for_model(open_sources(list(refs), settings), pvc_subpath=args.pvc_subpath)
     stop = threading.Event()
     outcome: dict[str, Any] = {}
 

@@ -28,6 +28,7 @@ from agent.core.retry import RetryPolicy
 from agent.core.spec import validate_label_prefix
 from agent.errors import ConfigError, SpecError
 from agent.sources.base import SourceRef, SourceSettings, parse_source_ref
+from agent.sources.peers.settings import DEFAULT_P2P_PORT, PeerSettings, parse_peer_addr
 
 DEFAULT_CACHE_DIR = "/var/lib/model-cache"
 DEFAULT_HF_TOKEN_FILE = "/var/run/secrets/hf/token"
@@ -102,13 +103,15 @@ def read_hf_token(token_file: str | None, env: Mapping[str, str]) -> str | None:
 
 
 def source_settings(env: Mapping[str, str], *, token_file: str | None = None,
-                    mx_token_file: str | None = None, max_workers: int = 4) -> SourceSettings:
+                    mx_token_file: str | None = None, max_workers: int = 4,
+                    peers: PeerSettings | None = None) -> SourceSettings:
     return SourceSettings(
         hf_endpoint=env.get("HF_ENDPOINT") or None,
         hf_token=read_hf_token(token_file, env),
         mx_address=env.get("MX_SERVER_ADDRESS") or env.get("MODEL_EXPRESS_URL") or None,
         mx_token_file=mx_token_file or env.get("MX_TOKEN_FILE") or DEFAULT_MX_TOKEN_FILE,
         max_workers=max_workers,
+        peers=peers,
     )
 
 
@@ -339,7 +342,8 @@ def load_run_settings(args: Any, env: Mapping[str, str]) -> RunSettings:
     return RunSettings(
         cache_dir=cache_dir,
         sources=sources,
-        source_settings=source_settings(env, token_file=args.token_file, max_workers=4),
+        source_settings=source_settings(env, token_file=args.token_file, max_workers=4,
+                                        peers=peer_settings(args, env, f)),
         node_name=node_name or os.uname().nodename,
         kubernetes=kubernetes,
         models_file=models_file,
@@ -361,3 +365,32 @@ def _eviction_settings(args: Any, f: dict[str, Any], high: float, low: float) ->
     if in_use is not None and any(ord(c) < 32 for c in in_use):
         raise ConfigError(f"--in-use-file {in_use!r}: holds a control character")
     return {"keep_undesired": keep, "in_use_file": Path(in_use) if in_use else None}
+
+
+# -- peers source (issue 13): --peer, --p2p-port, rates, origin slots ---------------------------------
+
+_FILE_KEYS.update({"peers", "p2pPort", "p2pUploadRate", "p2pDownloadRate", "originConcurrency"})
+
+
+def peer_settings(args: Any, env: Mapping[str, str], f: Mapping[str, Any]) -> PeerSettings:
+    """Flag > env (MODEL_CACHE_PEERS comma-separated, MODEL_CACHE_P2P_PORT) > config file > default."""
+    peer_values = list(getattr(args, "peer", None) or []) or [
+        p for p in (env.get("MODEL_CACHE_PEERS") or "").split(",") if p.strip()] or list(f.get("peers") or [])
+    if not isinstance(peer_values, list) or not all(isinstance(p, str) for p in peer_values):
+        raise ConfigError(f"peers: {peer_values!r} must be a list of HOST:PORT strings")
+    port = getattr(args, "p2p_port", None)
+    if port is None:
+        port = env.get("MODEL_CACHE_P2P_PORT") or f.get("p2pPort", DEFAULT_P2P_PORT)
+    up = getattr(args, "p2p_upload_rate", None)
+    down = getattr(args, "p2p_download_rate", None)
+    slots = getattr(args, "origin_slots_dir", None)
+    conc = getattr(args, "origin_concurrency", None)
+    return PeerSettings(
+        port=int(number(port, "--p2p-port", lo=0, hi=65534, integer=True)),
+        peers=tuple(parse_peer_addr(p) for p in peer_values),
+        upload_rate=parse_size(up if up is not None else f.get("p2pUploadRate", 0), "--p2p-upload-rate"),
+        download_rate=parse_size(down if down is not None else f.get("p2pDownloadRate", 0), "--p2p-download-rate"),
+        origin_concurrency=int(number(conc if conc is not None else f.get("originConcurrency", 1),
+                                      "--origin-concurrency", lo=1, hi=1000, integer=True)),
+        slots_dir=Path(slots) if slots else None,
+    )

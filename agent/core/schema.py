@@ -23,7 +23,7 @@ from typing import Any
 
 # Source kinds this build implements. The one list: the source factory imports
 # ``agent.sources.<kind>`` for each, the spec parser and the CRD enum accept exactly these.
-SOURCE_KINDS: tuple[str, ...] = ("modelexpress", "pvc", "hub")
+SOURCE_KINDS: tuple[str, ...] = ("modelexpress", "pvc", "hub", "peers")
 
 # A Hub name part: letters, digits, '-', '_', '.', at most 96 chars, alphanumeric at both ends.
 REPO_PART_PATTERN = r"[A-Za-z0-9](?:[A-Za-z0-9._-]{0,94}[A-Za-z0-9])?"

@@ -26,11 +26,19 @@ def open_source(ref: SourceRef, settings: SourceSettings, *, stop: threading.Eve
 
 def open_sources(refs: list[SourceRef], settings: SourceSettings, *,
                  stop: threading.Event | None = None) -> list[Source]:
-    return [open_source(r, settings, stop=stop) for r in refs]
+    if not any(r.kind == "peers" for r in refs):
+        return [open_source(r, settings, stop=stop) for r in refs]
+    # peers: the other sources are its origins (trusted digests, fills when no peer can), gated by slots
+    from agent.sources.peers import open_peer_sources
+
+    opened = {i: open_source(r, settings, stop=stop) for i, r in enumerate(refs) if r.kind != "peers"}
+    return open_peer_sources(refs, opened, settings)
 
 
 def for_model(sources: Sequence[Source], *, pvc_subpath: str | None = None) -> list[Source]:
-    """The agent's sources as one model uses them: a PVC source looks in the model's ``pvcSubpath``."""
+    """The agent's sources as one model uses them: a PVC source looks in the model's ``pvcSubpath``
+    (the peers source's PVC origin too)."""
     if not pvc_subpath:
         return list(sources)
-    return [s.with_subpath(pvc_subpath) if s.kind == "pvc" else s for s in sources]  # type: ignore[attr-defined]
+    return [s.with_subpath(pvc_subpath) if s.kind in ("pvc", "peers") else s  # type: ignore[attr-defined]
+            for s in sources]
