@@ -10,12 +10,12 @@ from __future__ import annotations
 import shutil
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
 
@@ -33,6 +33,8 @@ METRIC_NAMES = frozenset({
     "modelcache_cache_bytes", "modelcache_disk_free_bytes", "modelcache_disk_total_bytes",
     "modelcache_last_reconcile_timestamp_seconds", "modelcache_evictions_total", "modelcache_evicted_bytes_total",
     "modelcache_model_in_use", "modelcache_fill_space_wait_seconds",
+    "modelcache_p2p_uploaded_bytes_total", "modelcache_p2p_downloaded_bytes_total", "modelcache_p2p_peers",
+    "modelcache_p2p_seeding", "modelcache_p2p_rejected_bytes_total", "modelcache_origin_slots_held",
 })
 
 
@@ -87,6 +89,26 @@ class StateCollector(Collector):
             pass
         yield GaugeMetricFamily(f"{PREFIX}last_reconcile_timestamp_seconds", "Unix time of the last loop pass",
                                 value=self._last_pass())
+
+
+class PeerCollector(Collector):
+    """The BitTorrent side (``--source peers``): bytes up and down, peers, seeds, origin slots held here."""
+
+    def __init__(self, stats: Callable[[], Mapping[str, int]], slots_held: Callable[[], Sequence[str]]) -> None:
+        self._stats = stats
+        self._slots = slots_held
+
+    def collect(self) -> Iterator[Metric]:
+        st = self._stats()
+        for key, name, text in (
+                ("uploaded_bytes", "p2p_uploaded_bytes", "Bytes sent to peer nodes"),
+                ("downloaded_bytes", "p2p_downloaded_bytes", "Bytes received from peer nodes (wire)"),
+                ("rejected_bytes", "p2p_rejected_bytes", "Bytes from peers that failed the trusted digest")):
+            yield CounterMetricFamily(f"{PREFIX}{name}", text, value=st.get(key, 0))
+        yield GaugeMetricFamily(f"{PREFIX}p2p_peers", "Peer nodes connected now", value=st.get("peers", 0))
+        yield GaugeMetricFamily(f"{PREFIX}p2p_seeding", "Snapshots this node seeds", value=st.get("seeding", 0))
+        yield GaugeMetricFamily(f"{PREFIX}origin_slots_held", "Models this node fills from the origin for the swarm",
+                                value=len(self._slots()))
 
 
 class Metrics:

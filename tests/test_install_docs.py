@@ -271,7 +271,7 @@ def test_status_annotation_is_documented_field_by_field() -> None:
     key = status_key(PREFIX)
     assert f"`{key}`" in text
     full = ModelStatus(name="m", state="filling", commit="c" * 40, bytes=1, progress=0.5, level="verified",
-                       last_error="boom", in_use=True).compact()
+                       last_error="boom", in_use=True, source="peers").compact()
     documented = re.findall(r"^\s*\| `(\w+)` \|", text, re.M)
     assert sorted(documented) == sorted(full), "the table lists exactly the fields compact() can write"
     state_row = next(line for line in text.splitlines() if line.strip().startswith("| `state`"))

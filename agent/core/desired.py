@@ -61,6 +61,8 @@ class ModelStatus:
             d["progress"] = round(self.progress, 3)
         if self.level:
             d["level"] = self.level
+        if self.source:
+            d["source"] = self.source.split(":", 1)[0]  # the kind only: a label could name a host
         if self.last_error:
             d["error"] = self.last_error[:200]
         if self.in_use:

@@ -26,10 +26,11 @@ from agent.config import RunSettings, check_writable_root
 from agent.core.actions import Policy
 from agent.core.eviction import SpacePolicy
 from agent.errors import ConfigError
-from agent.metrics import Health, HealthServer, Metrics, StateCollector
+from agent.metrics import Health, HealthServer, Metrics, PeerCollector, StateCollector
 from agent.models_file import InUseFileProvider, ModelsFileProvider
 from agent.runtime.loop import Loop
 from agent.runtime.scrub import Scrubber
+from agent.sources.base import Source
 from agent.sources.factory import open_sources
 
 if TYPE_CHECKING:  # only cluster mode imports the kubernetes client
@@ -108,6 +109,20 @@ def read_node_until_reachable(node: NodeReporter, stop: threading.Event) -> bool
     return False
 
 
+def _start_peers(sources: list[Source], store: Store, loop: Loop, metrics: Metrics) -> None:
+    """``--source peers``: start the BitTorrent service, seed what is verified, seed each new publish."""
+    svc = next((getattr(s, "service", None) for s in sources if s.kind == "peers"), None)
+    if svc is None:
+        return
+    svc.on_corrupt = lambda repo, _commit: loop.mark_dirty(repo)
+    svc.start()
+    loop.published_hooks.append(lambda m: svc.seed(store, m))
+    loop.evict_hooks.append(svc.unseed)
+    for m in store.manifests():
+        svc.seed(store, m)
+    metrics.registry.register(PeerCollector(svc.stats, svc.gate.held))
+
+
 def run_agent(settings: RunSettings, *, stop: threading.Event | None = None,
               ready_file: Path | None = None) -> int:
     stop = stop or threading.Event()
@@ -175,6 +190,7 @@ def run_agent(settings: RunSettings, *, stop: threading.Event | None = None,
                 parts.append(in_use.start())
         health.waiting_for = ""
 
+        _start_peers(sources, store, loop, metrics)
         hub_watch = HubWatcher(store.layout.hub, loop.mark_dirty, on_overflow=loop.rescan_all).start()
         parts.append(hub_watch)
         health.watch("hub watcher", hub_watch.alive)

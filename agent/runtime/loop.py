@@ -23,6 +23,7 @@ from typing import Protocol
 import structlog
 
 from agent.cache.fsutil import write_atomic
+from agent.cache.manifest import Manifest
 from agent.cache.store import Store
 from agent.core.actions import FillAction, FillOutcome, Plan, Policy, Usage, plan
 from agent.core.desired import DesiredState, ModelStatus
@@ -154,6 +155,9 @@ class Loop:
         self.passes = 0
         self.last_pass = 0.0
         self.initial_scan_done = threading.Event()
+        # hooks (set before ``run``): after a snapshot is published (peers seed it), before one is deleted
+        self.published_hooks: list[Callable[[Manifest], object]] = []
+        self.evict_hooks: list[Callable[[str, str], object]] = []
 
     # -- inputs (any thread) -----------------------------------------------------------------------
 
@@ -295,6 +299,8 @@ class Loop:
                 log.warning("loop.quarantined", model=q.name, repo=q.repo, blobs=removed)
             self.scanner.forget_repo(q.repo)
         for ev in p.evictions:
+            for hook in self.evict_hooks:
+                _run_hook(hook, ev.repo, ev.commit)
             try:
                 with self.store.lock(ev.repo, timeout=self.lock_timeout):
                     freed = self.store.remove_snapshot(ev.repo, ev.commit)
@@ -356,6 +362,8 @@ class Loop:
             res = fill_model(self.store, sources, spec.repo, spec.revision, spec.files, pin=pin, progress=progress,
                              stop=cancel, record_as=name, pvc_subpath=spec.pvc_subpath, lock_timeout=None)
             m = res.manifest
+            for hook in self.published_hooks:
+                _run_hook(hook, m)
             return FillOutcome(name, True, source=res.source, fetched_files=res.fetched_files,
                                fetched_bytes=res.fetched_bytes, seconds=res.seconds, commit=m.commit, level=m.level,
                                spec=spec, repair=action.repair)
@@ -422,3 +430,10 @@ def _save_usage(path: Path, last_used: Mapping[str, float]) -> None:
         write_atomic(path, json.dumps(dict(sorted(last_used.items()))), fsync=False)
     except OSError as e:
         log.warning("loop.usage_not_saved", path=str(path), error=e.strerror)
+
+
+def _run_hook(hook: Callable[..., object], *args: object) -> None:
+    try:
+        hook(*args)
+    except Exception:  # a hook (seeding to peers) must never fail a fill or a pass
+        log.exception("loop.hook_failed", hook=getattr(hook, "__qualname__", repr(hook)))

@@ -241,6 +241,7 @@ class PeerService:
         self._seeder = ThreadPoolExecutor(1, thread_name_prefix="p2p-seed")
         self._lookup = ThreadPoolExecutor(8, thread_name_prefix="p2p-index")
         self.stats_bytes = {"downloaded": 0, "rejected": 0}
+        self._wire: dict[str, int] = {}  # bytes over the wire and peers, from the last session_stats_alert
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -308,7 +309,11 @@ class PeerService:
 
     def _alert_loop(self) -> None:
         ses = self._ses
+        next_stats = 0.0
         while not self._closing.is_set():
+            if time.monotonic() >= next_stats:  # counters for metrics arrive as a session_stats_alert
+                ses.post_session_stats()
+                next_stats = time.monotonic() + 1.0
             ses.wait_for_alert(200)
             for a in ses.pop_alerts():
                 try:
@@ -317,6 +322,12 @@ class PeerService:
                     log.warning("peers.alert_error", alert=type(a).__name__, error=str(e))
 
     def _dispatch(self, a: Any) -> None:
+        if isinstance(a, lt.session_stats_alert):
+            v = a.values
+            self._wire = {"uploaded_bytes": int(v.get("net.sent_payload_bytes", 0)),
+                          "downloaded_bytes": int(v.get("net.recv_payload_bytes", 0)),
+                          "peers": int(v.get("peer.num_peers_connected", 0))}
+            return
         if isinstance(a, lt.torrent_removed_alert):
             t = self._transfers.get(str(a.info_hashes.v1))
             if t is not None:
@@ -664,9 +675,7 @@ class PeerService:
         with self._mu:
             if self._ses is None:
                 return {}
-            st = self._ses.status()
-            return {"uploaded_bytes": int(st.total_upload), "downloaded_bytes": int(st.total_download),
-                    "peers": int(st.num_peers), "seeding": len(self._seeds),
+            return {**self._wire, "seeding": len(self._seeds),
                     "verified_bytes": self.stats_bytes["downloaded"], "rejected_bytes": self.stats_bytes["rejected"]}
 
 
