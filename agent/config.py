@@ -25,8 +25,9 @@ import yaml
 from agent.cache.fsutil import disk_full_as_error
 from agent.core.actions import FILL_BACKOFF
 from agent.core.retry import RetryPolicy
-from agent.core.spec import validate_label_prefix
+from agent.core.spec import LABEL_NAME_RE, validate_label_prefix
 from agent.errors import ConfigError, SpecError
+from agent.k8s.settings import KubeSettings, default_namespace
 from agent.sources.base import SourceRef, SourceSettings, parse_source_ref
 from agent.sources.peers.settings import DEFAULT_P2P_PORT, PeerSettings, parse_peer_addr
 
@@ -241,6 +242,7 @@ class RunSettings:
     in_use_file: Path | None = None  # file mode: model names pods use, one per line (stands in for the pod watch)
     termination_budget: float = 45.0
     fill_backoff: RetryPolicy = FILL_BACKOFF  # wait between failed fills of one model
+    kube: KubeSettings = field(default_factory=lambda: KubeSettings())
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -284,7 +286,64 @@ RUN_NUMBERS: dict[str, Numeric] = {
     "low_watermark": Numeric(None, "lowWatermark", 0.75, 0, 1),
 }
 
-_FILE_KEYS = {"cacheDir", "sources", "labelPrefix", "keepUndesired", *(n.key for n in RUN_NUMBERS.values())}
+
+# ---- Kubernetes control plane (agent.k8s): API politeness, leader election, aggregation ------------
+# One block so the rest of config.py stays untouched by it. The KubeSettings dataclass lives in
+# agent/k8s/settings.py (plain data, no kubernetes import) so agent.k8s never imports config.py.
+# Each field has a config-file key; every number goes through Numeric (finite, in range), and the
+# Lease timings are checked against each other.
+
+KUBE_NUMBERS: dict[str, Numeric] = {  # KubeSettings field -> its key and range
+    "qps": Numeric(None, "apiQps", 5.0, 0, 10_000),
+    "burst": Numeric(None, "apiBurst", 10, 1, 100_000, integer=True),
+    "request_timeout": Numeric(None, "apiRequestTimeoutSeconds", 10.0, 0.1, 600),
+    "retry.attempts": Numeric(None, "apiRetryAttempts", 4, 1, 100, integer=True),
+    "retry.base": Numeric(None, "apiRetryBaseSeconds", 0.5, 0, 600),
+    "retry.cap": Numeric(None, "apiRetryCapSeconds", 15.0, 0, 3600),
+    "lease_duration": Numeric(None, "leaseDurationSeconds", 15.0, 0.1, 3600),
+    "lease_renew_period": Numeric(None, "leaseRenewPeriodSeconds", 7.5, 0.01, 3600),
+    "lease_renew_deadline": Numeric(None, "leaseRenewDeadlineSeconds", 12.0, 0.01, 3600),
+    "lease_acquire_jitter": Numeric(None, "leaseAcquireJitterSeconds", 1.0, 0, 600),
+    "aggregate_interval": Numeric(None, "aggregateIntervalSeconds", 5.0, 0.01, 3600),
+    "node_status_interval": Numeric(None, "nodeStatusIntervalSeconds", 10.0, 0, 3600),
+    "watch_timeout": Numeric(None, "watchTimeoutSeconds", 900.0, 1, DAY),
+    "desired_debounce": Numeric(None, "desiredDebounceSeconds", 0.2, 0, 60),
+}
+_KUBE_STRINGS = {"leaseNamespace", "leaseName", "aggregateNodeSelector"}
+
+
+def kube_settings_from(f: Mapping[str, Any], env: Mapping[str, str]) -> KubeSettings:
+    """KubeSettings from the config file's keys; every error names the key."""
+    v = {name: setting.parse(f.get(setting.key, setting.default)) for name, setting in KUBE_NUMBERS.items()}
+    if not v["lease_acquire_jitter"] < v["lease_duration"]:
+        raise ConfigError("leaseAcquireJitterSeconds: must be less than leaseDurationSeconds")
+    if not v["lease_renew_period"] < v["lease_renew_deadline"] < v["lease_duration"] - v["lease_acquire_jitter"]:
+        raise ConfigError(
+            "leaseRenewPeriodSeconds < leaseRenewDeadlineSeconds < leaseDurationSeconds - leaseAcquireJitterSeconds "
+            f"must hold (got {v['lease_renew_period']}, {v['lease_renew_deadline']}, {v['lease_duration']}, "
+            f"{v['lease_acquire_jitter']}): a leader must stop acting before another may take over")
+    strings: dict[str, str] = {}
+    for key, default in (("leaseNamespace", default_namespace(env)), ("leaseName", KubeSettings.lease_name),
+                         ("aggregateNodeSelector", "")):
+        value = f.get(key, default) or default
+        if not isinstance(value, str) or (key != "aggregateNodeSelector" and not LABEL_NAME_RE.fullmatch(value)):
+            raise ConfigError(f"{key}: {value!r} is not valid" + (" (a DNS-1123 label)" if key != "aggregateNodeSelector"
+                                                                  else " (a label selector string)"))
+        strings[key] = value
+    return KubeSettings(
+        qps=v["qps"], burst=int(v["burst"]), request_timeout=v["request_timeout"],
+        retry=RetryPolicy(attempts=int(v["retry.attempts"]), base=v["retry.base"], cap=v["retry.cap"]),
+        lease_namespace=strings["leaseNamespace"], lease_name=strings["leaseName"],
+        lease_duration=v["lease_duration"], lease_renew_period=v["lease_renew_period"],
+        lease_renew_deadline=v["lease_renew_deadline"], lease_acquire_jitter=v["lease_acquire_jitter"],
+        aggregate_interval=v["aggregate_interval"], aggregate_node_selector=strings["aggregateNodeSelector"],
+        node_status_interval=v["node_status_interval"], watch_timeout=v["watch_timeout"],
+        desired_debounce=v["desired_debounce"],
+    )
+
+
+_FILE_KEYS = {"cacheDir", "sources", "labelPrefix", "keepUndesired", *(n.key for n in RUN_NUMBERS.values()),
+              *(n.key for n in KUBE_NUMBERS.values()), *_KUBE_STRINGS}
 
 
 def load_config_file(path: str | None) -> dict[str, Any]:
@@ -352,6 +411,7 @@ def load_run_settings(args: Any, env: Mapping[str, str]) -> RunSettings:
         metrics_host=args.metrics_host,
         **numbers,
         **_eviction_settings(args, f, numbers["high_watermark"], numbers["low_watermark"]),
+        kube=kube_settings_from(f, env),
     )
 
 

@@ -330,7 +330,7 @@ def test_cachedmodel_converges_on_selected_nodes_only(cluster: Cluster) -> None:
     wait_until(lambda: ((cluster.cr("tiny-a") or {}).get("status") or {}).get("readyNodes") == 2, CONVERGE,
                "tiny-a status.readyNodes == 2")
     st = (cluster.cr("tiny-a") or {})["status"]
-    assert st["desiredNodes"] == 2 and st["nodes"] == {n: "ready" for n in GPU_NODES}
+    assert st["desiredNodes"] == 2 and "nodes" not in st  # per-node truth is on the Nodes, not here
     pins = [r for r in cluster.kube.requests_matching("PATCH", r"/cachedmodels/tiny-a/status$")
             if r.status == 200 and (r.body or {}).get("status", {}).get("resolvedRevision")]
     assert len(pins) == 1, "one agent pins, the other adopts its commit (compare-and-swap)"

@@ -2,20 +2,28 @@
 
 Every call goes through :func:`call`, which returns plain JSON dicts (``_preload_content=False``)
 so the rest of the agent never sees ``V1Node`` or other generated models, and raises only
-:class:`agent.errors.KubeApiError`. :func:`retrying` adds the bounded, classified retries: 429,
-5xx, 409 and connection errors are transient, other 4xx permanent, Retry-After honoured.
+:class:`agent.errors.KubeApiError`. :func:`request` adds the bounded, classified retries of
+``agent.core.retry``: 429, 5xx and connection errors are transient, other 4xx permanent,
+Retry-After honoured; a 409 is never resent blindly (a write guarded by a stale resourceVersion
+cannot succeed; compare-and-swap callers re-read and decide).
+
+Politeness like client-go's: every HTTP request, watches included, first takes a token from one
+token bucket per client (``qps`` per second, ``burst`` banked), and is counted per verb and
+resource (``RequestStats``) for metrics and the scale bench. The User-Agent names the node, so an
+API server's audit log (and the test emulator) can tell the agents apart.
 """
 
 from __future__ import annotations
 
 import email.utils
 import json
-import random
 import threading
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
+from urllib.parse import parse_qs, urlsplit
 
 import structlog
 import urllib3
@@ -23,48 +31,122 @@ from kubernetes import client as k8s_client
 from kubernetes import config as k8s_config
 from kubernetes.client.exceptions import ApiException
 
+from agent.core.retry import RetryPolicy, is_transient, retry_call
 from agent.errors import ConfigError, KubeApiError, KubeConflictError
 
 log = structlog.get_logger("agent.k8s")
 T = TypeVar("T")
 MAX_RETRY_AFTER = 120.0
 MERGE_PATCH = "application/merge-patch+json"
+USER_AGENT = "model-cache-agent/0.1"
+
+# Default policy for single API calls; settings carry the real one (KubeSettings.retry).
+API_RETRY = RetryPolicy(attempts=4, base=0.5, cap=15.0)
+# Transitional: runtime/agent.py's read_node_until_reachable paces its start-up retries with this
+# (``.delay(attempt)``); wiring.wait_for_api replaces it.
+WATCH_BACKOFF = RetryPolicy(attempts=1_000_000, base=0.5, cap=30.0)
 
 
-@dataclass(frozen=True)
-class Backoff:
-    """Exponential backoff with full jitter around the nominal delay (so 500 agents do not retry in step)."""
+class TokenBucket:
+    """client-go's flowcontrol limiter: ``qps`` tokens a second, at most ``burst`` banked; qps <= 0: no limit.
 
-    initial: float = 0.5
-    factor: float = 2.0
-    maximum: float = 30.0
-    jitter: float = 0.2  # +-20 %
-    attempts: int = 8  # per call; loops that must converge eventually call again
+    ``reserve`` takes a token now and says how long the caller must wait for it (a reservation, so
+    concurrent callers queue in order instead of all waking at once).
+    """
 
-    def delay(self, attempt: int, rng: random.Random | None = None) -> float:
-        """Delay before retry number ``attempt`` (1-based)."""
-        base = min(self.maximum, self.initial * self.factor ** max(0, attempt - 1))
-        r = (rng or random).uniform(-self.jitter, self.jitter)
-        return max(0.0, base * (1.0 + r))
+    def __init__(self, qps: float, burst: int, *, clock: Callable[[], float] = time.monotonic) -> None:
+        self.qps = qps
+        self.burst = max(1, burst)
+        self.clock = clock
+        self._tokens = float(self.burst)
+        self._last = clock()
+        self._lock = threading.Lock()
+        self.waited = 0.0  # total seconds callers were asked to wait (metrics, bench)
 
-    def delays(self) -> Iterator[float]:
-        for attempt in range(1, self.attempts):
-            yield self.delay(attempt)
+    def reserve(self) -> float:
+        if self.qps <= 0:
+            return 0.0
+        with self._lock:
+            now = self.clock()
+            self._tokens = min(float(self.burst), self._tokens + (now - self._last) * self.qps)
+            self._last = now
+            self._tokens -= 1.0
+            wait = 0.0 if self._tokens >= 0 else -self._tokens / self.qps
+            self.waited += wait
+            return wait
+
+    def acquire(self, stop: threading.Event | None = None) -> None:
+        wait = self.reserve()
+        if wait > 0:
+            (stop.wait if stop is not None else time.sleep)(wait)
 
 
-# Frozen defaults (module-level so signatures do not build objects): one per kind of call.
-WATCH_BACKOFF = Backoff(initial=0.5, maximum=30.0)
-WRITE_BACKOFF = Backoff(initial=0.5, maximum=15.0, attempts=4)
-CAS_BACKOFF = Backoff(initial=0.2, maximum=5.0, attempts=6)
-READ_BACKOFF = Backoff(attempts=4)
+def request_kind(method: str, path: str, query: dict[str, list[str]]) -> tuple[str, str]:
+    """(RBAC verb, resource) of a request path: ('watch', 'pods'), ('patch', 'cachedmodels/status')..."""
+    parts = [p for p in path.split("/") if p]
+    if parts[:1] == ["api"]:
+        rest = parts[2:]
+    elif parts[:1] == ["apis"]:
+        rest = parts[3:]
+    else:
+        return method.lower(), "/".join(parts)
+    if rest[:1] == ["namespaces"] and len(rest) >= 3:
+        rest = rest[2:]
+    resource = rest[0] if rest else ""
+    name = rest[1] if len(rest) > 1 else None
+    if len(rest) > 2:
+        resource += "/" + rest[2]
+    watch = query.get("watch", [""])[0] in ("true", "True", "1")
+    if method == "GET":
+        verb = "watch" if watch else ("get" if name else "list")
+    else:
+        verb = {"POST": "create", "PUT": "update", "PATCH": "patch", "DELETE": "delete"}.get(method, method.lower())
+    return verb, resource
+
+
+@dataclass
+class RequestStats:
+    """Requests sent, per (verb, resource): what the bench and metrics report."""
+
+    counts: Counter[tuple[str, str]] = field(default_factory=Counter)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def add(self, verb: str, resource: str) -> None:
+        with self.lock:
+            self.counts[(verb, resource)] += 1
+
+    def snapshot(self) -> dict[tuple[str, str], int]:
+        with self.lock:
+            return dict(self.counts)
+
+
+class PoliteApiClient(k8s_client.ApiClient):
+    """An ApiClient whose every request waits for the token bucket and is counted."""
+
+    def __init__(self, configuration: k8s_client.Configuration, limiter: TokenBucket, stats: RequestStats) -> None:
+        super().__init__(configuration)
+        self.limiter = limiter
+        self.stats = stats
+        self.closing = threading.Event()  # set by close(): a request waiting for a token goes at once
+
+    def call_api(self, method: str, url: str, *args: Any, **kwargs: Any) -> Any:
+        parts = urlsplit(url)
+        self.stats.add(*request_kind(method.upper(), parts.path, parse_qs(parts.query)))
+        self.limiter.acquire(self.closing)
+        return super().call_api(method, url, *args, **kwargs)
+
+    def close(self) -> None:
+        self.closing.set()
+        super().close()
 
 
 @dataclass
 class KubeApi:
-    """The typed API objects the adapters use, sharing one connection pool."""
+    """The typed API objects the adapters use, sharing one connection pool, limiter and counter."""
 
     api_client: k8s_client.ApiClient
     request_timeout: float = 10.0
+    retry: RetryPolicy = API_RETRY
 
     @property
     def core(self) -> k8s_client.CoreV1Api:
@@ -78,6 +160,14 @@ class KubeApi:
     def events(self) -> k8s_client.EventsV1Api:
         return k8s_client.EventsV1Api(self.api_client)
 
+    @property
+    def coordination(self) -> k8s_client.CoordinationV1Api:
+        return k8s_client.CoordinationV1Api(self.api_client)
+
+    @property
+    def stats(self) -> RequestStats:
+        return getattr(self.api_client, "stats", None) or RequestStats()
+
     def close(self) -> None:
         self.api_client.close()
 
@@ -90,10 +180,15 @@ def make_api(
     in_cluster: bool | None = None,
     request_timeout: float = 10.0,
     token: str | None = None,
+    qps: float = 5.0,
+    burst: int = 10,
+    user_agent: str | None = None,
+    retry: RetryPolicy = API_RETRY,
 ) -> KubeApi:
     """Build a client: an explicit ``host`` (tests, proxies), in-cluster config, or a kubeconfig.
 
     ``in_cluster=None`` tries the ServiceAccount first and falls back to kubeconfig, as kubectl does.
+    ``user_agent`` is appended in parentheses (the agent passes its node name).
     """
     cfg = k8s_client.Configuration()
     if host:
@@ -131,7 +226,15 @@ def make_api(
         respect_retry_after_header=False,
         raise_on_status=False,
     )
-    return KubeApi(k8s_client.ApiClient(cfg), request_timeout)
+    api_client = PoliteApiClient(cfg, TokenBucket(qps, burst), RequestStats())
+    api_client.user_agent = f"{USER_AGENT} ({user_agent})" if user_agent else USER_AGENT
+    return KubeApi(api_client, request_timeout, retry)
+
+
+def name_client(api: KubeApi, name: str) -> None:
+    """Put ``name`` (the node) into the User-Agent, unless the client was built with one."""
+    if api.api_client.user_agent == USER_AGENT:
+        api.api_client.user_agent = f"{USER_AGENT} ({name})"
 
 
 def parse_retry_after(value: str | None, *, now: float | None = None) -> float | None:
@@ -179,7 +282,8 @@ def _status_message(body: Any) -> str:
     return str(obj.get("message", ""))[:200] if isinstance(obj, dict) else ""
 
 
-def call(fn: Callable[..., Any], *args: Any, what: str, timeout: float = 10.0, **kwargs: Any) -> dict[str, Any]:
+def call(fn: Callable[..., Any], *args: Any, what: str, timeout: float | tuple[float, float] = 10.0,
+         **kwargs: Any) -> dict[str, Any]:
     """One API call returning the JSON body as a dict; any failure becomes a KubeApiError."""
     try:
         resp = fn(*args, _preload_content=False, _request_timeout=timeout, **kwargs)
@@ -189,36 +293,20 @@ def call(fn: Callable[..., Any], *args: Any, what: str, timeout: float = 10.0, *
         raise classify(e, what) from e
 
 
-def retrying(
-    fn: Callable[[], T],
-    *,
-    what: str,
-    backoff: Backoff,
-    stop: threading.Event | None = None,
-    retry_conflicts: bool = True,
-) -> T:
-    """Run ``fn`` with bounded retries on transient errors; permanent ones (and the last try) raise.
+def retryable(err: BaseException) -> bool:
+    """Transient and not a conflict: a 409 means 're-read and decide', never 'send the same again'."""
+    return is_transient(err) and not isinstance(err, KubeConflictError)
 
-    The wait is the server's Retry-After when it sent one, else the jittered backoff. ``stop`` cuts
-    the wait short so shutdown is never delayed by a sleeping retry. Compare-and-swap callers pass
-    ``retry_conflicts=False``: resending a write guarded by a stale resourceVersion cannot succeed.
+
+def request(api: KubeApi, fn: Callable[..., Any], *args: Any, what: str, stop: threading.Event | None = None,
+            policy: RetryPolicy | None = None, timeout: float | tuple[float, float] | None = None,
+            retry_conflicts: bool = False, **kwargs: Any) -> dict[str, Any]:
+    """``call`` under the API retry policy (``api.retry`` unless given): the one way adapters make a call.
+
+    ``retry_conflicts`` is for writes without a resourceVersion precondition (a merge patch of our own
+    label keys), where a 409 can only be the server's own transient conflict and resending is right.
     """
-    attempt = 0
-    while True:
-        attempt += 1
-        try:
-            return fn()
-        except KubeApiError as e:
-            if isinstance(e, KubeConflictError) and not retry_conflicts:
-                raise
-            if e.permanent or attempt >= backoff.attempts or (stop is not None and stop.is_set()):
-                raise
-            wait = e.retry_after if e.retry_after is not None else backoff.delay(attempt)
-            log.warning(
-                "k8s.retry", what=what, attempt=f"{attempt}/{backoff.attempts}", wait=round(wait, 3), error=str(e)
-            )
-            if stop is not None:
-                if stop.wait(wait):
-                    raise
-            else:
-                time.sleep(wait)
+    return retry_call(
+        lambda: call(fn, *args, what=what, timeout=api.request_timeout if timeout is None else timeout, **kwargs),
+        policy=policy or api.retry, what=what, retryable=is_transient if retry_conflicts else retryable, stop=stop,
+    )
