@@ -1,4 +1,4 @@
-"""NodeReporter against the emulated API server with the official client: coalescing, ownership, faults."""
+"""NodeReporter against the emulated API server: coalescing, ownership, the Node watch, drift, faults."""
 
 from __future__ import annotations
 
@@ -10,32 +10,61 @@ from collections.abc import Iterator
 import pytest
 from structlog.testing import capture_logs
 
-from agent.k8s.client import Backoff, KubeApi
+from agent.core.retry import RetryPolicy
+from agent.k8s.client import KubeApi, make_api
 from agent.k8s.coverage import read_coverage
 from agent.k8s.node import NodeReporter, ready_labels
+from agent.k8s.watch import WatchSettings
 from tests.conftest import ManualClock
 from tests.peers.kube_emulator import KubeEmulator
 
 P = "modelcache.dev"
 NODE = "gpu-1"
-FAST = Backoff(initial=0.02, maximum=0.2, jitter=0.0, attempts=4)
+FAST = RetryPolicy(attempts=4, base=0.02, cap=0.2, jitter=0.0)
 FOREIGN = {"kubernetes.io/hostname": NODE, "nvidia.com/gpu.present": "true", "team": "ml"}
+WATCH = WatchSettings(timeout=30, backoff=RetryPolicy(attempts=1000, base=0.05, cap=0.3, jitter=0.0))
 
 
 @pytest.fixture
 def kube() -> Iterator[KubeEmulator]:
-    with KubeEmulator() as emu:
+    with KubeEmulator(bookmark_interval=0.2) as emu:
         emu.create_node(NODE, {**FOREIGN, f"{P}/stale-model": "ready"})
         yield emu
 
 
+@pytest.fixture
+def api(kube: KubeEmulator) -> Iterator[KubeApi]:
+    handle = make_api(kube.url, request_timeout=2.0, retry=FAST, user_agent=NODE)
+    yield handle
+    handle.close()
+
+
+@pytest.fixture
+def stop() -> Iterator[threading.Event]:
+    ev = threading.Event()
+    yield ev
+    ev.set()
+
+
 def reporter(api: KubeApi, **kw: object) -> NodeReporter:
     kw.setdefault("backoff", FAST)
+    kw.setdefault("watch", WATCH)
     return NodeReporter(api, NODE, P, **kw)  # type: ignore[arg-type]
 
 
 def patches(kube: KubeEmulator) -> list:
     return [r for r in kube.requests_matching("PATCH", f"/api/v1/nodes/{NODE}$") if r.status == 200]
+
+
+def gets(kube: KubeEmulator) -> int:
+    return len(kube.requests_matching("GET", f"/api/v1/nodes/{NODE}$"))
+
+
+def running(rep: NodeReporter, stop: threading.Event) -> NodeReporter:
+    rep.watch(stop)
+    assert rep.reflector is not None and rep.reflector.synced.wait(5)
+    rep.start(stop)
+    return rep
 
 
 def test_many_set_desired_calls_make_one_merge_patch(kube: KubeEmulator, api: KubeApi) -> None:
@@ -54,10 +83,7 @@ def test_many_set_desired_calls_make_one_merge_patch(kube: KubeEmulator, api: Ku
         }
     }
     assert kube.node_labels(NODE) == {**FOREIGN, f"{P}/qwen": "ready", f"{P}/llama": "ready"}
-    assert kube.node_annotations(NODE)[f"{P}/status"] == '{"qwen":{"state":"ready"}}'
-    # Nothing changed: no second write.
-    assert rep.flush()
-    assert len(patches(kube)) == 1
+    assert rep.flush() and len(patches(kube)) == 1  # nothing changed: no second write
 
 
 def test_foreign_labels_untouched_even_when_changed_concurrently(kube: KubeEmulator, api: KubeApi) -> None:
@@ -72,40 +98,73 @@ def test_foreign_labels_untouched_even_when_changed_concurrently(kube: KubeEmula
 
 
 def test_labels_outside_prefix_are_refused(api: KubeApi) -> None:
-    rep = reporter(api)
     with pytest.raises(ValueError, match="not ours"):
-        rep.set_desired({"team": "x"})
+        reporter(api).set_desired({"team": "x"})
 
 
-def test_remove_stale_keeps_only_verified_models(kube: KubeEmulator, api: KubeApi) -> None:
-    kube.patch("nodes", NODE, {"metadata": {"labels": {f"{P}/verified": "ready", f"{P}/gone": "ready"}}})
-    rep = reporter(api)
-    rep.remove_stale(["verified"])
-    assert rep.flush()
-    assert kube.node_labels(NODE) == {**FOREIGN, f"{P}/verified": "ready"}
-    assert rep.node_labels() == kube.node_labels(NODE)
+def test_nothing_is_written_before_the_first_wish(kube: KubeEmulator, api: KubeApi, stop: threading.Event) -> None:
+    """A restarted agent must not strip ready labels before the loop has re-checked what it holds."""
+    running(reporter(api), stop)
+    kube.patch("nodes", NODE, {"metadata": {"labels": {"team": "infra"}}})
+    time.sleep(0.3)
+    assert not patches(kube) and kube.node_labels(NODE)[f"{P}/stale-model"] == "ready"
 
 
-def test_heartbeat_rereads_and_repairs_drift(kube: KubeEmulator, api: KubeApi) -> None:
-    clock = ManualClock(1000.0)
-    rep = reporter(api, clock=clock, heartbeat=60.0)
+def test_a_label_someone_removed_comes_back_within_seconds_without_polling(
+        kube: KubeEmulator, api: KubeApi, stop: threading.Event) -> None:
+    rep = running(reporter(api), stop)
     rep.set_desired(ready_labels(P, ["a"]))
+    assert kube.wait_for(lambda: kube.node_labels(NODE).get(f"{P}/a") == "ready", 5)
+    reads = gets(kube)
+    with capture_logs() as logs:
+        kube.patch("nodes", NODE, {"metadata": {"labels": {f"{P}/a": None}}})  # a person, another controller
+        t0 = time.monotonic()
+        assert kube.wait_for(lambda: kube.node_labels(NODE).get(f"{P}/a") == "ready", 5)
+        assert time.monotonic() - t0 < 2.0
+        kube.patch("nodes", NODE, {"metadata": {"labels": {f"{P}/a": "broken"}}})  # changed, not removed
+        assert kube.wait_for(lambda: kube.node_labels(NODE).get(f"{P}/a") == "ready", 5)
+    assert gets(kube) == reads  # the watch told us: no GET, no heartbeat
+    assert [e["event"] for e in logs].count("node.drift_repaired") == 2
+    assert rep.stats["drift_repairs"] == 2
+    kube.create_node("gpu-2", {f"{P}/a": "x"})  # another node's changes are not ours to see
+    time.sleep(0.3)
+    assert kube.counts(client=NODE)[("list", "nodes")] == 1
+
+
+def test_a_fight_over_a_label_backs_off(kube: KubeEmulator, api: KubeApi, stop: threading.Event) -> None:
+    """Another controller keeps deleting our label: we keep restoring it, but slower and slower."""
+    rep = running(reporter(api), stop)
+    rep.set_desired(ready_labels(P, ["a"]))
+    assert kube.wait_for(lambda: kube.node_labels(NODE).get(f"{P}/a") == "ready", 5)
+    end = time.monotonic() + 4.0
+    removals = 0
+    while time.monotonic() < end:
+        if kube.node_labels(NODE).get(f"{P}/a") == "ready":
+            kube.patch("nodes", NODE, {"metadata": {"labels": {f"{P}/a": None}}})
+            removals += 1
+        time.sleep(0.01)
+    # Without the backoff this is hundreds of patches (one per ~20 ms); with it: 1+1+1+2+4 s...
+    assert 3 <= len(patches(kube)) <= 8, len(patches(kube))
+    assert removals == len(patches(kube)) - 1 or removals == len(patches(kube))
+
+
+def test_status_only_changes_wait_for_the_interval_labels_and_urgent_ones_do_not(kube: KubeEmulator,
+                                                                                 api: KubeApi) -> None:
+    clock = ManualClock(100.0)
+    rep = reporter(api, clock=clock, status_interval=10.0)
+    rep.set_desired(ready_labels(P, ["a"]), '{"a":"ready"}')
+    assert rep.due(clock.now) == 0.0 and rep.flush()
+    rep.set_desired(ready_labels(P, ["a"]), '{"a":"ready","b":{"progress":0.1}}')
+    assert rep.due(clock.now) == 10.0  # progress only: at most once per interval
+    clock.now += 4
+    assert rep.due(clock.now) == 6.0
+    rep.set_desired(ready_labels(P, ["a"]), '{"a":"ready","b":{"progress":0.2}}', urgent=True)
+    assert rep.due(clock.now) == 0.0  # a proposal the leader waits for
     assert rep.flush()
-    gets = len(kube.requests_matching("GET", f"/nodes/{NODE}$"))
-    # Someone removes our label; before the heartbeat we trust what we wrote.
-    kube.patch("nodes", NODE, {"metadata": {"labels": {f"{P}/a": None}}})
-    clock.now += 30
-    assert rep.flush()
-    assert len(kube.requests_matching("GET", f"/nodes/{NODE}$")) == gets
-    clock.now += 31
-    assert rep.flush()
-    assert len(kube.requests_matching("GET", f"/nodes/{NODE}$")) == gets + 1
-    assert kube.node_labels(NODE)[f"{P}/a"] == "ready"
-    # A heartbeat with no drift reads but does not write.
-    n = len(patches(kube))
-    clock.now += 61
-    assert rep.flush()
-    assert len(patches(kube)) == n
+    rep.set_desired(ready_labels(P, ["a", "b"]), '{"a":"ready","b":"ready"}')
+    assert rep.due(clock.now) == 0.0  # a label change: at once
+    assert rep.flush() and rep.due(clock.now) is None
+    assert len(patches(kube)) == 3
 
 
 @pytest.mark.parametrize("status", [409, 500, 503])
@@ -115,10 +174,9 @@ def test_transient_errors_are_retried(kube: KubeEmulator, api: KubeApi, status: 
     rep.set_desired(ready_labels(P, ["a"]))
     with capture_logs() as logs:
         assert rep.flush()
-    failed = [r for r in kube.requests_matching("PATCH", f"/nodes/{NODE}$") if r.status == status]
-    assert len(failed) == 2
+    assert len([r for r in kube.requests_matching("PATCH", f"/nodes/{NODE}$") if r.status == status]) == 2
     assert kube.node_labels(NODE)[f"{P}/a"] == "ready"
-    assert [e["attempt"] for e in logs if e["event"] == "k8s.retry"] == ["1/4", "2/4"]
+    assert [e["attempt"] for e in logs if e["event"] == "retry"] == ["1/4", "2/4"]
 
 
 def test_retry_after_is_honoured(kube: KubeEmulator, api: KubeApi) -> None:
@@ -131,21 +189,20 @@ def test_retry_after_is_honoured(kube: KubeEmulator, api: KubeApi) -> None:
     assert sent[1].at - sent[0].at >= 0.95
 
 
-def test_permanent_error_is_not_retried_and_flush_reports_failure(kube: KubeEmulator, api: KubeApi) -> None:
-    rep = reporter(api, clock=ManualClock(1000.0), heartbeat=3600.0)
+def test_permanent_error_is_not_retried_and_the_next_flush_rereads(kube: KubeEmulator, api: KubeApi) -> None:
+    rep = reporter(api)
     rep.set_desired(ready_labels(P, ["z"]))
     assert rep.flush()
     kube.fail_next("PATCH", f"/nodes/{NODE}$", 403)
     rep.set_desired(ready_labels(P, ["a"]))
-    assert not rep.flush()
+    with capture_logs() as logs:
+        assert not rep.flush()
     assert [r.status for r in kube.requests_matching("PATCH", f"/nodes/{NODE}$")] == [200, 403]
-    st = rep.state()
-    assert not st.in_sync and st.failures == 1 and "403" in (st.last_error or "")
-    # The failure forces a resync: the next flush re-reads the Node, then writes.
-    gets = len(kube.requests_matching("GET", f"/nodes/{NODE}$"))
+    assert rep.stats["failures"] == 1 and "403" in (rep.last_error or "")
+    assert next(e for e in logs if e["event"] == "node.patch_failed")["need"] == "patch nodes"
+    reads = gets(kube)
     assert rep.flush()
-    assert len(kube.requests_matching("GET", f"/nodes/{NODE}$")) == gets + 1
-    assert rep.state().in_sync
+    assert gets(kube) == reads + 1 and rep.last_error is None
 
 
 def wait_labels(kube: KubeEmulator, want: dict[str, str], timeout: float) -> bool:
@@ -153,55 +210,58 @@ def wait_labels(kube: KubeEmulator, want: dict[str, str], timeout: float) -> boo
 
 
 @pytest.mark.parametrize("mode", ["refuse", "503"])
-def test_run_loop_survives_outage_and_converges(kube: KubeEmulator, api: KubeApi, mode: str) -> None:
-    stop = threading.Event()
-    rep = reporter(api, backoff=Backoff(initial=0.1, maximum=0.5, jitter=0.1, attempts=3))
-    thread = rep.start(stop)
-    try:
-        rep.set_desired(ready_labels(P, ["a"]))
-        assert wait_labels(kube, {**FOREIGN, f"{P}/a": "ready"}, 5)
-        kube.outage(3.0, mode=mode)
-        began = time.monotonic()
-        for names in (["a", "b"], ["b"], ["b", "c"]):  # the loop keeps changing its mind during the outage
-            rep.set_desired(ready_labels(P, names), status_annotation=json.dumps(names))
-            time.sleep(0.2)
-        time.sleep(0.5)
-        assert rep.state().failures > 0
-        assert kube.node_labels(NODE) == {**FOREIGN, f"{P}/a": "ready"}  # nothing landed during the outage
-        assert wait_labels(kube, {**FOREIGN, f"{P}/b": "ready", f"{P}/c": "ready"}, 10)
-        assert time.monotonic() - began < 3.0 + 2.0  # converged promptly after the API came back
-        assert kube.node_annotations(NODE)[f"{P}/status"] == '["b", "c"]'
-        assert kube.wait_for(lambda: rep.state().in_sync, 2)
-    finally:
-        stop.set()
-        thread.join(5)
-    assert not thread.is_alive()
+def test_writer_survives_an_outage_and_converges(kube: KubeEmulator, api: KubeApi, stop: threading.Event,
+                                                mode: str) -> None:
+    rep = running(reporter(api, backoff=RetryPolicy(attempts=1000, base=0.1, cap=0.5, jitter=0.1)), stop)
+    rep.set_desired(ready_labels(P, ["a"]))
+    assert wait_labels(kube, {**FOREIGN, f"{P}/a": "ready"}, 5)
+    kube.outage(2.0, mode=mode)
+    began = time.monotonic()
+    for names in (["a", "b"], ["b"], ["b", "c"]):  # the loop keeps changing its mind during the outage
+        rep.set_desired(ready_labels(P, names), status_annotation=json.dumps(names))
+        time.sleep(0.2)
+    time.sleep(0.3)
+    assert rep.stats["failures"] > 0
+    assert kube.node_labels(NODE) == {**FOREIGN, f"{P}/a": "ready"}  # nothing landed during the outage
+    assert wait_labels(kube, {**FOREIGN, f"{P}/b": "ready", f"{P}/c": "ready"}, 10)
+    assert time.monotonic() - began < 2.0 + 3.0  # converged promptly after the API came back
+    assert kube.node_annotations(NODE)[f"{P}/status"] == '["b", "c"]'
 
 
-def test_run_loop_coalesces_bursts(kube: KubeEmulator, api: KubeApi) -> None:
-    stop = threading.Event()
+def test_writer_coalesces_bursts(kube: KubeEmulator, api: KubeApi, stop: threading.Event) -> None:
     rep = reporter(api, settle=2.0)  # roomy: a loaded CI box stretches the 0.2 s burst
     rep.set_desired(ready_labels(P, []))
     assert rep.flush()
     before = len(patches(kube))
-    thread = rep.start(stop)
-    try:
-        for i in range(20):  # a burst spread over ~0.2 s, as when a scan finishes model after model
-            rep.set_desired(ready_labels(P, [f"m{i}"]))
-            time.sleep(0.01)
-        assert wait_labels(kube, {**FOREIGN, f"{P}/m19": "ready"}, 10)
-        time.sleep(0.3)
-        assert len(patches(kube)) - before <= 2
-        seen = {k for _, labels in kube.labels_over_time(NODE) for k in labels if k.startswith(P)}
-        assert len(seen - {f"{P}/stale-model"}) <= 2  # workers never saw most intermediate states
-    finally:
-        stop.set()
-        thread.join(5)
+    running(rep, stop)
+    for i in range(20):  # a burst spread over ~0.2 s, as when a scan finishes model after model
+        rep.set_desired(ready_labels(P, [f"m{i}"]))
+        time.sleep(0.01)
+    assert wait_labels(kube, {**FOREIGN, f"{P}/m19": "ready"}, 10)
+    time.sleep(0.3)
+    assert len(patches(kube)) - before <= 2
+    seen = {k for _, labels in kube.labels_over_time(NODE) for k in labels if k.startswith(P)}
+    assert len(seen - {f"{P}/stale-model"}) <= 2  # workers never saw most intermediate states
 
 
-def test_stop_ends_run_loop_promptly_even_with_long_heartbeat(api: KubeApi) -> None:
+def test_foreign_label_changes_are_announced(kube: KubeEmulator, api: KubeApi, stop: threading.Event) -> None:
+    calls: list[dict[str, str]] = []
+    rep = reporter(api)
+    rep.on_labels = lambda: calls.append(rep.node_labels())
+    running(rep, stop)
+    assert kube.wait_for(lambda: len(calls) == 1)  # the first sight
+    kube.patch("nodes", NODE, {"metadata": {"labels": {"nvidia.com/gpu.present": None}}})
+    assert kube.wait_for(lambda: len(calls) == 2)
+    assert "nvidia.com/gpu.present" not in calls[-1]
+    rep.set_desired(ready_labels(P, ["x"]))  # our own label changes are not news to the selectors
+    assert kube.wait_for(lambda: kube.node_labels(NODE).get(f"{P}/x") == "ready")
+    time.sleep(0.2)
+    assert len(calls) == 2
+
+
+def test_stop_ends_the_writer_promptly(api: KubeApi) -> None:
     stop = threading.Event()
-    rep = reporter(api, heartbeat=3600.0)
+    rep = reporter(api)
     thread = rep.start(stop)
     rep.set_desired(ready_labels(P, ["a"]))
     time.sleep(0.3)
@@ -223,17 +283,11 @@ def test_read_coverage_from_node_labels(kube: KubeEmulator, api: KubeApi) -> Non
 
 
 @pytest.mark.slow
-def test_real_30s_outage_then_convergence(kube: KubeEmulator, api: KubeApi) -> None:
+def test_real_30s_outage_then_convergence(kube: KubeEmulator, api: KubeApi, stop: threading.Event) -> None:
     """The issue's number: 30 s of API outage, default-ish backoff, labels converge after."""
-    stop = threading.Event()
-    rep = reporter(api, backoff=Backoff(initial=0.5, maximum=4.0, attempts=3))
-    thread = rep.start(stop)
-    try:
-        kube.outage(30.0)
-        rep.set_desired(ready_labels(P, ["big"]))
-        time.sleep(29.0)
-        assert f"{P}/big" not in kube.node_labels(NODE)
-        assert wait_labels(kube, {**FOREIGN, f"{P}/big": "ready"}, 10)
-    finally:
-        stop.set()
-        thread.join(5)
+    rep = running(reporter(api, backoff=RetryPolicy(attempts=1000, base=0.5, cap=4.0)), stop)
+    kube.outage(30.0)
+    rep.set_desired(ready_labels(P, ["big"]))
+    time.sleep(29.0)
+    assert f"{P}/big" not in kube.node_labels(NODE)
+    assert wait_labels(kube, {**FOREIGN, f"{P}/big": "ready"}, 10)

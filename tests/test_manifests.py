@@ -184,10 +184,12 @@ def test_base_renders_only_the_install_objects() -> None:
         ("DaemonSet", "model-cache-agent"),
         ("Namespace", NAMESPACE),
         ("PriorityClass", "model-cache-agent"),
+        ("Role", "model-cache-agent"),
+        ("RoleBinding", "model-cache-agent"),
         ("ServiceAccount", "model-cache-agent"),
     ]
     for o in base():
-        if o["kind"] in ("ConfigMap", "DaemonSet", "ServiceAccount"):
+        if o["kind"] in ("ConfigMap", "DaemonSet", "ServiceAccount", "Role", "RoleBinding"):
             assert o["metadata"]["namespace"] == NAMESPACE
     rendered = one(base(), "CustomResourceDefinition", "cachedmodels.modelcache.dev")
     assert rendered["spec"] == crd()["spec"]
@@ -349,26 +351,29 @@ def test_name_over_63_is_caught_only_by_cel() -> None:
 # ------------------------------------------------------------------------------------------------ RBAC
 
 
-def test_rbac_is_exactly_least_privilege() -> None:
-    role = one(base(), "ClusterRole", "model-cache-agent")
-    granted = set()
+def granted(role: Obj) -> set[tuple[str, str, str]]:
+    out = set()
     for rule in role["rules"]:
         assert not rule.get("resourceNames") and not rule.get("nonResourceURLs")
         for group in rule["apiGroups"]:
             for resource in rule["resources"]:
                 for verb in rule["verbs"]:
-                    granted.add((group, resource, verb))
-    expected = {
-        ("", "nodes", "get"), ("", "nodes", "patch"),
+                    out.add((group, resource, verb))
+    return out
+
+
+def test_rbac_is_exactly_least_privilege() -> None:
+    """The same sets tests/test_k8s_wiring.py proves the agent uses (and no more) against an enforcing API."""
+    assert granted(one(base(), "ClusterRole", "model-cache-agent")) == {
+        ("", "nodes", "get"), ("", "nodes", "list"), ("", "nodes", "watch"), ("", "nodes", "patch"),
+        ("", "pods", "list"), ("", "pods", "watch"),
         ("modelcache.dev", "cachedmodels", "get"), ("modelcache.dev", "cachedmodels", "list"),
-        ("modelcache.dev", "cachedmodels", "watch"),
-        ("modelcache.dev", "cachedmodels/status", "get"), ("modelcache.dev", "cachedmodels/status", "patch"),
-        ("modelcache.dev", "cachedmodels/status", "update"),
+        ("modelcache.dev", "cachedmodels", "watch"), ("modelcache.dev", "cachedmodels/status", "patch"),
         ("", "events", "create"), ("", "events", "patch"),
-        ("events.k8s.io", "events", "create"), ("events.k8s.io", "events", "patch"),
     }
-    assert granted == expected
-    assert not [o for o in base() if o["kind"] in ("Role", "RoleBinding")]
+    role = one(base(), "Role", "model-cache-agent")
+    assert role["metadata"]["namespace"] == NAMESPACE  # leases only in the agent's own namespace
+    assert granted(role) == {("coordination.k8s.io", "leases", v) for v in ("get", "list", "watch", "create", "update")}
 
 
 def test_rbac_binds_the_daemonset_service_account() -> None:
@@ -379,6 +384,9 @@ def test_rbac_binds_the_daemonset_service_account() -> None:
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": pod_spec()["serviceAccountName"],
                                     "namespace": NAMESPACE}]
     one(base(), "ServiceAccount", pod_spec()["serviceAccountName"])
+    rb = one(base(), "RoleBinding", "model-cache-agent")
+    assert rb["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "model-cache-agent"}
+    assert rb["subjects"] == binding["subjects"] and rb["metadata"]["namespace"] == NAMESPACE
 
 
 # ------------------------------------------------------------------------------------------- DaemonSet

@@ -30,7 +30,7 @@ import structlog
 from agent.core.aggregate import SPEC_VALID, ModelFacts, NodeReport, desired_status, parse_node_report, status_patch
 from agent.errors import KubeApiError, KubeConflictError
 from agent.k8s.client import KubeApi
-from agent.k8s.crd import CachedModelObj, rfc3339, write_status
+from agent.k8s.crd import CachedModelObj, parse_cached_model, rfc3339, write_status
 from agent.k8s.events import EventRecorder
 from agent.k8s.leader import Elector
 from agent.k8s.watch import Reflector, WatchSettings, WatchTarget
@@ -87,6 +87,7 @@ class Aggregator:
         self._nodes: Reflector[NodeReport] | None = None
         self._nodes_stop: threading.Event | None = None
         self._last_write: dict[str, float] = {}
+        self._own: dict[str, CachedModelObj] = {}  # the answers to our own writes, until the watch has them
         self._last_pass = float("-inf")
         self.stats: Counter[str] = Counter()  # passes, writes, conflicts, failures, events, terms
 
@@ -121,6 +122,7 @@ class Aggregator:
             self._nodes_stop.set()
         self._nodes, self._nodes_stop = None, None
         self._last_write.clear()
+        self._own.clear()
         log.info("aggregator.standing_down")
 
     def node_reports(self) -> list[NodeReport]:
@@ -137,6 +139,7 @@ class Aggregator:
         stamp = rfc3339(self.wall())
         next_due: float | None = None
         for name, obj in sorted(self.objects().items()):
+            obj = self._newest(obj)
             want = desired_status(facts(obj), nodes, stamp)
             patch = status_patch(obj.status, want)
             if patch is None:
@@ -157,10 +160,24 @@ class Aggregator:
         self._dirty = True  # something was deferred: the next pass is due then
         return max(0.0, next_due - now)
 
+    def _newest(self, obj: CachedModelObj) -> CachedModelObj:
+        """The watch's version, or the answer to our own last write if the watch has not caught up with it
+        (writing on the older version would only earn us a 409 from ourselves)."""
+        own = self._own.get(obj.name)
+        if own is None or own.uid != obj.uid:
+            return obj
+        try:
+            newer = int(own.resource_version) > int(obj.resource_version)
+        except ValueError:
+            newer = False
+        if not newer:
+            self._own.pop(obj.name, None)
+        return own if newer else obj
+
     def _write(self, obj: CachedModelObj, patch: Mapping[str, Any], now: float) -> None:
         timeout = max(0.1, min(self.api.request_timeout, self.elector.remaining()))
         try:
-            write_status(self.api, obj.name, obj.resource_version, patch, timeout=timeout)
+            answer = write_status(self.api, obj.name, obj.resource_version, patch, timeout=timeout)
         except KubeConflictError:
             self.stats["conflicts"] += 1
             log.info("aggregator.conflict", model=obj.name, resource_version=obj.resource_version)
@@ -174,6 +191,7 @@ class Aggregator:
             return
         self.stats["writes"] += 1
         self._last_write[obj.name] = now
+        self._own[obj.name] = parse_cached_model(answer)
         log.info("aggregator.status_written", model=obj.name, **{k: v for k, v in patch.items()
                                                                   if k in ("readyNodes", "desiredNodes", "failedNodes",
                                                                            "resolvedRevision")})
@@ -198,7 +216,9 @@ class Aggregator:
         elif not leading and self._nodes is not None:
             self._stop_nodes()
         if not leading or self._nodes is None:
-            return None  # the elector's on_change wakes us when that changes
+            # The elector's on_change wakes us on a new term; also look now and then, since a renewal
+            # that was merely late makes us leader again without a new term.
+            return self.interval
         left = max(0.05, self.elector.remaining())  # look again when leadership would lapse unrenewed
         if not (self._nodes.synced.is_set() and self.objects_synced()):
             return min(0.2, left)

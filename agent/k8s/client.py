@@ -168,6 +168,19 @@ class KubeApi:
     def stats(self) -> RequestStats:
         return getattr(self.api_client, "stats", None) or RequestStats()
 
+    def fork(self, *, qps: float = 2.0, burst: int = 5) -> KubeApi:
+        """A client with its own connection pool and token bucket, counted with this one.
+
+        The leader's Lease renewals use one: a burst of status writes queued in the shared bucket
+        must never delay a renewal past its deadline (and cost the cluster a failover).
+        """
+        c = self.api_client
+        limiter = TokenBucket(qps, burst)
+        stats = getattr(c, "stats", None) or RequestStats()
+        forked = PoliteApiClient(c.configuration, limiter, stats)
+        forked.user_agent = c.user_agent
+        return KubeApi(forked, self.request_timeout, self.retry)
+
     def close(self) -> None:
         self.api_client.close()
 

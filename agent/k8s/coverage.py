@@ -13,11 +13,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from agent.core import selector
+from agent.core.retry import RetryPolicy
 from agent.errors import KubeApiError, SpecError
-from agent.k8s.client import Backoff, KubeApi, call, retrying
+from agent.k8s.client import KubeApi, request
 from agent.k8s.crd import GROUP, PLURAL, VERSION, parse_cached_model
 
-ONE_TRY = Backoff(attempts=1)  # a person is waiting: say what is wrong at once instead of retrying
+ONE_TRY = RetryPolicy(attempts=1)  # a person is waiting: say what is wrong at once instead of retrying
 WIDE_MAX = 12  # more nodes than this: list the missing ones instead of a column per node
 
 
@@ -77,8 +78,7 @@ def _list_all(api: KubeApi, fn: Any, what: str, page: int, **kw: Any) -> list[di
         kwargs: dict[str, Any] = {**kw, "limit": page}
         if token:
             kwargs["_continue"] = token
-        body = retrying(lambda kw=kwargs: call(fn, what=what, timeout=api.request_timeout, **kw),  # type: ignore[misc]
-                        what=what, backoff=ONE_TRY)
+        body = request(api, fn, what=what, policy=ONE_TRY, **kwargs)
         items += body.get("items") or []
         token = (body.get("metadata") or {}).get("continue") or None
         if not token:

@@ -256,6 +256,5 @@ class KubeReporter:
             self.pins_by_us += 1
             return pinned
         finally:
-            with self._lock:
+            with self._lock:  # gone from the next write, which the fill's next state change makes anyway
                 self._proposals.pop(name, None)
-            self._publish(urgent=False)

@@ -137,8 +137,9 @@ class ClusterParts:
             parse_cached_model, stop=stop, on_change=self._crs_changed, settings=ws, clock=clock)
         self.provider = KubeDesiredProvider(self.objects, self.node.node_labels, self._synced, hooks.on_desired,
                                             stop=stop, debounce=ks.desired_debounce)
+        self.lease_api = api.fork()  # renewals never wait behind a burst of status writes
         self.elector = Elector(
-            LeaseStore(api, ks.lease_namespace, stop=stop, wall=wall), ks.lease_name, node_name,
+            LeaseStore(self.lease_api, ks.lease_namespace, stop=stop, wall=wall), ks.lease_name, node_name,
             timing=ElectionTiming(ks.lease_duration, ks.lease_renew_period, ks.lease_renew_deadline,
                                   ks.lease_acquire_jitter, retry=min(1.0, ks.lease_renew_period / 4)),
             stop=stop, clock=clock, rng=rng, on_change=self._leadership_changed)
@@ -207,6 +208,7 @@ class ClusterParts:
         deadline = time.monotonic() + timeout
         for t in self._threads:
             t.join(max(0.0, deadline - time.monotonic()))
+        self.lease_api.close()
         self.api.close()
 
 
