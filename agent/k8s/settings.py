@@ -41,11 +41,11 @@ class KubeSettings:
         return self.lease_duration + 2 * self.aggregate_interval
 
 
-def default_namespace(env: Mapping[str, str]) -> str:
+def default_namespace(env: Mapping[str, str], sa_file: str = SA_NAMESPACE_FILE) -> str:
     """POD_NAMESPACE, else the ServiceAccount's namespace (mounted in every pod), else "default"."""
     if env.get("POD_NAMESPACE"):
         return env["POD_NAMESPACE"]
     try:
-        return Path(SA_NAMESPACE_FILE).read_text().strip() or "default"
+        return Path(sa_file).read_text().strip() or "default"
     except OSError:
         return "default"
