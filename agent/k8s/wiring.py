@@ -5,10 +5,12 @@
     hooks = LoopHooks(on_desired=lambda d: rec.set_desired(d),          # the Reconciler, bound late
                       on_in_use=lambda u: rec.set_in_use(u))            # optional (issue 14)
     parts = start_cluster_parts(settings.kube, hooks, stop, node_name=settings.node_name,
-                                prefix=settings.label_prefix, kube_host=settings.kube_host)  # blocks: Node read
+                                prefix=settings.label_prefix, kube_host=settings.kube_host,
+                                start=False)                            # blocks until our Node is read
     if parts is None:                                                   # stopped while waiting
         return 0
     rec = Reconciler(..., reporter=parts.reporter, ...)                 # Reporter: report/event/pin
+    parts.start()                                                       # hooks fire from here on
     ...
     stop.set(); rec.shutdown(budget); parts.close()                     # releases the leader Lease
 
@@ -213,8 +215,11 @@ class ClusterParts:
 
 
 def start_cluster_parts(ks: KubeSettings, hooks: LoopHooks, stop: threading.Event, *, node_name: str,
-                        prefix: str, kube_host: str | None = None, api: KubeApi | None = None) -> ClusterParts | None:
-    """Build the client, wait for the API server (forever, logging why), start everything.
+                        prefix: str, kube_host: str | None = None, api: KubeApi | None = None,
+                        start: bool = True) -> ClusterParts | None:
+    """Build the client, wait for the API server (forever, logging why), build and (unless ``start=False``)
+    start everything. ``start=False`` lets the caller build its loop around ``parts.reporter`` first and
+    call ``parts.start()`` after, so ``hooks`` never fire before the loop exists.
 
     Returns None when ``stop`` was set while waiting (exit 0, nothing to clean up).
     """
@@ -224,4 +229,5 @@ def start_cluster_parts(ks: KubeSettings, hooks: LoopHooks, stop: threading.Even
     if not wait_for_api(node, stop):
         api.close()
         return None
-    return ClusterParts(api, ks, node_name, prefix, hooks, stop, node=node).start()
+    parts = ClusterParts(api, ks, node_name, prefix, hooks, stop, node=node)
+    return parts.start() if start else parts
