@@ -111,3 +111,20 @@ def test_no_patch_when_nothing_changed() -> None:
     st = desired_status(ModelFacts("m", 1, "main", None, {}), nodes, NOW)
     again = desired_status(ModelFacts("m", 1, "main", None, st), nodes, LATER)
     assert status_patch(st, again) is None  # so a new leader computing the same writes nothing
+
+
+def test_every_field_the_leader_writes_survives_the_crds_structural_pruning() -> None:
+    """The API server silently drops status fields its CRD schema does not list."""
+    from pathlib import Path
+
+    import jsonschema
+    import yaml
+
+    crd = yaml.safe_load((Path(__file__).resolve().parents[1] / "manifests" / "crd.yaml").read_text())
+    schema = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["status"]
+    nodes = [node("a", states={"m": "failed"}, proposals={"m": ("main", C1)})]
+    st = desired_status(ModelFacts("m", 4, "main", None, {}), nodes, NOW)
+    jsonschema.validate(st, schema)
+    assert set(st) <= set(schema["properties"])
+    item = schema["properties"]["conditions"]["items"]["properties"]
+    assert all(set(c) <= set(item) for c in st["conditions"])

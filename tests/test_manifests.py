@@ -254,7 +254,7 @@ def test_crd_status_schema_has_every_field_the_agent_writes() -> None:
     """A structural schema silently prunes unknown status fields: the pin (resolvedFrom) would vanish."""
     status = crd_schema()["properties"]["status"]["properties"]
     assert set(status) >= {
-        "resolvedRevision", "resolvedFrom", "resolvedAt", "readyNodes", "desiredNodes", "conditions",
+        "resolvedRevision", "resolvedFrom", "resolvedAt", "readyNodes", "desiredNodes", "failedNodes", "conditions",
         "observedGeneration",
     }
     cond = status["conditions"]
