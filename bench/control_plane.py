@@ -475,8 +475,8 @@ def main(argv: list[str] | None = None) -> int:
         print(summary(results, base))
         if base is not None:
             ours = next(r for r in results if r["n"] == base["n"])
-            print(f"\nvs main at N={base['n']}: steady requests/node/h "
-                  f"{base['steady']['requests_per_node_hour'] / max(0.1, ours['steady']['requests_per_node_hour']):.1f}x"
+            ratio = base["steady"]["requests_per_node_hour"] / max(0.1, ours["steady"]["requests_per_node_hour"])
+            print(f"\nvs main at N={base['n']}: steady requests/node/h {ratio:.1f}x"
                   f" fewer; rollout CachedModel writes {base['rollout']['cachedmodel_status_writes']} -> "
                   f"{ours['rollout']['cachedmodel_status_writes']}; conflicts {base['rollout']['conflicts']} -> "
                   f"{ours['rollout']['conflicts']}")

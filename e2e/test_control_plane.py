@@ -142,7 +142,6 @@ def test_a_sigkilled_leader_is_replaced_within_the_lease_and_nothing_flaps(clust
     victim = cluster.agents[old]
     victim.proc.send_signal(signal.SIGKILL)
     victim.proc.wait(10)
-    t0 = time.monotonic()
     seen_ready: set[Any] = set()
 
     def replaced() -> bool:

@@ -36,6 +36,15 @@ from agent.k8s.lease import LeaseLost, LeaseRecord, LeaseStore, Observation, obs
 log = structlog.get_logger("agent.k8s.leader")
 
 
+def boottime() -> float:
+    """A monotonic clock that keeps counting while the machine is suspended (CLOCK_BOOTTIME on Linux):
+    a leader whose VM was frozen past its deadline knows it on waking, before its next write."""
+    try:
+        return time.clock_gettime(time.CLOCK_BOOTTIME)
+    except (AttributeError, OSError):  # not Linux
+        return time.monotonic()
+
+
 @dataclass(frozen=True)
 class ElectionTiming:
     duration: float = 15.0
@@ -61,7 +70,7 @@ class Elector:
         *,
         timing: ElectionTiming | None = None,
         stop: threading.Event,
-        clock: Callable[[], float] = time.monotonic,
+        clock: Callable[[], float] = boottime,
         rng: random.Random | None = None,
         on_change: Callable[[bool], None] | None = None,
     ) -> None:

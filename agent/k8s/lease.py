@@ -24,9 +24,11 @@ follower acts no earlier than ``duration - acquire_jitter`` after observing that
 ``renew_deadline < duration - acquire_jitter`` (validated in settings) the two never overlap as
 long as the clocks' *rates* differ by less than ``(duration - jitter - deadline) / duration``
 (default (15 - 1 - 12) / 15 = 13 %; real clocks differ by parts per million). Offsets do not
-matter at all. What still can: a process paused (SIGSTOP, a VM freeze) for longer than that
-margin between its check and its write. Writes guarded by resourceVersion (the CachedModel status
-writes) turn such a late write into a 409 instead of a lost update.
+matter at all. The leader's deadline runs on CLOCK_BOOTTIME, which keeps counting through a
+suspended VM, so a leader frozen past its deadline knows it when it wakes. What still can overlap:
+a process paused (SIGSTOP, a long GC) between its last deadline check and its write. Writes
+guarded by resourceVersion (the CachedModel status writes) turn such a late write into a 409
+instead of a lost update; tests/test_k8s_aggregator.py shows it with two leaders at once.
 """
 
 from __future__ import annotations

@@ -44,7 +44,7 @@ from agent.k8s.aggregator import Aggregator
 from agent.k8s.client import KubeApi, make_api, name_client
 from agent.k8s.crd import GROUP, PLURAL, VERSION, CachedModelObj, parse_cached_model
 from agent.k8s.events import EventRecorder
-from agent.k8s.leader import ElectionTiming, Elector
+from agent.k8s.leader import ElectionTiming, Elector, boottime
 from agent.k8s.lease import LeaseRecord, LeaseStore
 from agent.k8s.node import NodeReporter
 from agent.k8s.pods import PodWatch
@@ -119,6 +119,7 @@ class ClusterParts:
         node: NodeReporter | None = None,
         events: EventRecorder | None = None,
         clock: Callable[[], float] = time.monotonic,
+        elector_clock: Callable[[], float] | None = None,
         wall: Callable[[], float] = time.time,
         rng: random.Random | None = None,
     ) -> None:
@@ -144,7 +145,7 @@ class ClusterParts:
             LeaseStore(self.lease_api, ks.lease_namespace, stop=stop, wall=wall), ks.lease_name, node_name,
             timing=ElectionTiming(ks.lease_duration, ks.lease_renew_period, ks.lease_renew_deadline,
                                   ks.lease_acquire_jitter, retry=min(1.0, ks.lease_renew_period / 4)),
-            stop=stop, clock=clock, rng=rng, on_change=self._leadership_changed)
+            stop=stop, clock=elector_clock or boottime, rng=rng, on_change=self._leadership_changed)
         self.lease_key = f"{ks.lease_namespace}/{ks.lease_name}"
         self.lease_watch: Reflector[LeaseRecord] = Reflector(
             api, WatchTarget(f"lease {self.lease_key}", api.coordination.list_namespaced_lease,
