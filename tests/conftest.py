@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,3 +64,11 @@ def api(kube):  # type: ignore[no-untyped-def]  # each module's own ``kube`` fix
     handle = make_api(kube.url, request_timeout=2.0)
     yield handle
     handle.close()
+
+
+@pytest.fixture
+def stop() -> Iterator[threading.Event]:
+    """A stop event for the test's background threads, set at teardown."""
+    ev = threading.Event()
+    yield ev
+    ev.set()

@@ -40,13 +40,6 @@ def kube() -> Iterator[KubeEmulator]:
         yield emu
 
 
-@pytest.fixture
-def stop() -> Iterator[threading.Event]:
-    ev = threading.Event()
-    yield ev
-    ev.set()
-
-
 class Candidate:
     """One agent's leader side: its own client (named), clock, elector, CachedModel watch and aggregator."""
 

@@ -63,13 +63,6 @@ def kube() -> Iterator[KubeEmulator]:
         yield emu
 
 
-@pytest.fixture
-def stop() -> Iterator[threading.Event]:
-    ev = threading.Event()
-    yield ev
-    ev.set()
-
-
 def candidate(kube: KubeEmulator, who: str, clock: ManualClock, stop: threading.Event, *,
               wall_offset: float = 0.0, timing: ElectionTiming = TIMING, seed: int = 1) -> Elector:
     api = make_api(kube.url, user_agent=who, request_timeout=2.0)
@@ -123,6 +116,19 @@ def test_a_free_lease_is_taken_by_one_candidate_the_other_waits(kube: KubeEmulat
     assert not [r for r in kube.requests_matching("*", "/leases", client="b") if r.method != "GET"]
 
 
+def a_leads_b_follows(kube: KubeEmulator, stop: threading.Event, **a_kw: float) -> tuple[ManualClock, Elector, Elector]:
+    """a takes the free Lease at t=1; b has seen it (through its watch)."""
+    clock = ManualClock(0.0)
+    a = candidate(kube, "a", clock, stop, wall_offset=a_kw.get("a_wall", 0.0))
+    b = candidate(kube, "b", clock, stop, wall_offset=a_kw.get("b_wall", 0.0))
+    a.observe(None)
+    clock.now = 1.0
+    a.step()
+    assert a.is_leader()
+    watch(b, kube)
+    return clock, a, b
+
+
 def run_until(t_end: float, clock: ManualClock, electors: list[Elector], kube: KubeEmulator, *,
               watchers: list[Elector], dt: float = 0.25) -> list[tuple[float, tuple[bool, ...]]]:
     """Step everyone every ``dt`` up to ``t_end``; followers see the Lease each tick. Returns who led when."""
@@ -139,13 +145,7 @@ def run_until(t_end: float, clock: ManualClock, electors: list[Elector], kube: K
 
 def test_a_leader_cut_off_from_the_api_stops_before_anyone_takes_over(kube: KubeEmulator,
                                                                       stop: threading.Event) -> None:
-    clock = ManualClock(0.0)
-    a, b = candidate(kube, "a", clock, stop), candidate(kube, "b", clock, stop)
-    a.observe(None)
-    clock.now = 1.0
-    a.step()
-    assert a.is_leader()
-    watch(b, kube)
+    clock, a, b = a_leads_b_follows(kube, stop)
     run_until(30.0, clock, [a, b], kube, watchers=[b])
     assert a.is_leader() and not b.is_leader()  # renewed every 7.5 s, b never took it
     kube.fail_for(3600, "*", "/leases", 503, client="^a$")  # a loses the API mid-term
@@ -165,13 +165,7 @@ def test_a_leader_cut_off_from_the_api_stops_before_anyone_takes_over(kube: Kube
 def test_clock_offsets_between_agents_change_nothing(kube: KubeEmulator, stop: threading.Event) -> None:
     """renewTime is written from a's wall clock (an hour ahead); b's is an hour behind. b must judge
     expiry only by when it saw the Lease change on its own clock."""
-    clock = ManualClock(0.0)
-    a = candidate(kube, "a", clock, stop, wall_offset=+3600.0)
-    b = candidate(kube, "b", clock, stop, wall_offset=-3600.0)
-    a.observe(None)
-    clock.now = 1.0
-    a.step()
-    watch(b, kube)
+    clock, a, b = a_leads_b_follows(kube, stop, a_wall=+3600.0, b_wall=-3600.0)
     history = run_until(60.0, clock, [a, b], kube, watchers=[b])
     assert all(la and not lb for _, (la, lb) in history)  # a renewed throughout: b never took it early
     died = clock.now  # a is no longer stepped: as if it died
@@ -182,12 +176,7 @@ def test_clock_offsets_between_agents_change_nothing(kube: KubeEmulator, stop: t
 
 def test_a_deleted_lease_is_recreated_by_its_holder_and_not_grabbed(kube: KubeEmulator,
                                                                       stop: threading.Event) -> None:
-    clock = ManualClock(0.0)
-    a, b = candidate(kube, "a", clock, stop), candidate(kube, "b", clock, stop)
-    a.observe(None)
-    clock.now = 1.0
-    a.step()
-    watch(b, kube)
+    clock, a, b = a_leads_b_follows(kube, stop)
     kube.delete("leases", NAME, group="coordination.k8s.io", namespace=NS)
     watch(b, kube)  # b sees it gone: not a reason to create it at once (a is presumed alive)
     history = run_until(20.0, clock, [a, b], kube, watchers=[b])
@@ -197,12 +186,7 @@ def test_a_deleted_lease_is_recreated_by_its_holder_and_not_grabbed(kube: KubeEm
 
 
 def test_a_429_storm_shorter_than_the_deadline_keeps_the_leader(kube: KubeEmulator, stop: threading.Event) -> None:
-    clock = ManualClock(0.0)
-    a, b = candidate(kube, "a", clock, stop), candidate(kube, "b", clock, stop)
-    a.observe(None)
-    clock.now = 1.0
-    a.step()
-    watch(b, kube)
+    clock, a, b = a_leads_b_follows(kube, stop)
     run_until(7.0, clock, [a, b], kube, watchers=[b])
     kube.fail_for(3600, "*", "/leases", 429, retry_after=1)
     run_until(11.0, clock, [a, b], kube, watchers=[b])  # a's renewal at 8.5 and retries all get 429
@@ -214,12 +198,7 @@ def test_a_429_storm_shorter_than_the_deadline_keeps_the_leader(kube: KubeEmulat
 
 
 def test_released_lease_is_taken_within_the_jitter(kube: KubeEmulator, stop: threading.Event) -> None:
-    clock = ManualClock(0.0)
-    a, b = candidate(kube, "a", clock, stop), candidate(kube, "b", clock, stop)
-    a.observe(None)
-    clock.now = 1.0
-    a.step()
-    watch(b, kube)
+    clock, a, b = a_leads_b_follows(kube, stop)
     clock.now = 3.0
     a.release()
     assert not a.is_leader() and lease(kube)["spec"]["holderIdentity"] == ""

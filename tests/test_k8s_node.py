@@ -39,13 +39,6 @@ def api(kube: KubeEmulator) -> Iterator[KubeApi]:
     handle.close()
 
 
-@pytest.fixture
-def stop() -> Iterator[threading.Event]:
-    ev = threading.Event()
-    yield ev
-    ev.set()
-
-
 def reporter(api: KubeApi, **kw: object) -> NodeReporter:
     kw.setdefault("backoff", FAST)
     kw.setdefault("watch", WATCH)

@@ -108,13 +108,6 @@ def kube() -> Iterator[KubeEmulator]:
         yield emu
 
 
-@pytest.fixture
-def stop() -> Iterator[threading.Event]:
-    ev = threading.Event()
-    yield ev
-    ev.set()
-
-
 class Side:
     """One agent's desired-state side: CachedModel watch, Node reporter with its watch, provider, reporter."""
 

@@ -31,13 +31,6 @@ def kube() -> Iterator[KubeEmulator]:
         yield emu
 
 
-@pytest.fixture
-def stop() -> Iterator[threading.Event]:
-    ev = threading.Event()
-    yield ev
-    ev.set()
-
-
 def crs(api: KubeApi, stop: threading.Event, settings: WatchSettings = FAST, **kw: Any) -> Reflector[CachedModelObj]:
     target = WatchTarget("cachedmodels", api.custom.list_cluster_custom_object, (GROUP, VERSION, PLURAL),
                          need="list, watch cachedmodels")

@@ -79,13 +79,6 @@ def kube() -> Iterator[KubeEmulator]:
         yield emu
 
 
-@pytest.fixture
-def stop() -> Iterator[threading.Event]:
-    ev = threading.Event()
-    yield ev
-    ev.set()
-
-
 def agent(kube: KubeEmulator, node: str, stop: threading.Event, ks: KubeSettings = FAST) -> StandInLoop:
     loop = StandInLoop(node)
     api = make_api(kube.url, user_agent=node, request_timeout=2.0, qps=ks.qps, burst=ks.burst, retry=ks.retry)

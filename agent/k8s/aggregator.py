@@ -33,6 +33,7 @@ from agent.k8s.client import KubeApi
 from agent.k8s.crd import CachedModelObj, parse_cached_model, rfc3339, write_status
 from agent.k8s.events import EventRecorder
 from agent.k8s.leader import Elector
+from agent.k8s.threads import start_daemon
 from agent.k8s.watch import Reflector, WatchSettings, WatchTarget
 
 log = structlog.get_logger("agent.k8s.aggregator")
@@ -244,8 +245,4 @@ class Aggregator:
             self._stop_nodes()
 
     def start(self) -> threading.Thread:
-        threading.Thread(target=lambda: (self.stop.wait(), self._wake.set()), name="aggregator-stop",
-                         daemon=True).start()
-        thread = threading.Thread(target=self.run, name="aggregator", daemon=True)
-        thread.start()
-        return thread
+        return start_daemon(self.run, "aggregator", self.stop, self._wake.set)

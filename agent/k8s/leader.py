@@ -32,6 +32,7 @@ import structlog
 
 from agent.errors import KubeApiError
 from agent.k8s.lease import LeaseLost, LeaseRecord, LeaseStore, Observation, observe
+from agent.k8s.threads import start_daemon
 
 log = structlog.get_logger("agent.k8s.leader")
 
@@ -268,7 +269,4 @@ class Elector:
             self._notify(False)
 
     def start(self) -> threading.Thread:
-        threading.Thread(target=lambda: (self.stop.wait(), self._wake.set()), name="leader-stop", daemon=True).start()
-        thread = threading.Thread(target=self.run, name="leader-election", daemon=True)
-        thread.start()
-        return thread
+        return start_daemon(self.run, "leader-election", self.stop, self._wake.set)

@@ -35,6 +35,7 @@ from agent.core.retry import RetryPolicy
 from agent.core.selector import READY, label_patch, status_key
 from agent.errors import KubeApiError
 from agent.k8s.client import MERGE_PATCH, KubeApi, request
+from agent.k8s.threads import start_daemon
 from agent.k8s.watch import Reflector, WatchSettings, WatchTarget
 
 log = structlog.get_logger("agent.k8s.node")
@@ -297,8 +298,4 @@ class NodeReporter:
                 self._wake.clear()
 
     def start(self, stop: threading.Event) -> threading.Thread:
-        threading.Thread(target=lambda: (stop.wait(), self._wake.set()), name="node-reporter-stop",
-                         daemon=True).start()
-        thread = threading.Thread(target=self.run, args=(stop,), name=f"node-reporter-{self.node_name}", daemon=True)
-        thread.start()
-        return thread
+        return start_daemon(lambda: self.run(stop), f"node-reporter-{self.node_name}", stop, self._wake.set)

@@ -20,6 +20,7 @@ from agent.core.desired import DesiredState
 from agent.core.spec import ModelSpec
 from agent.errors import SpecError
 from agent.k8s.crd import CachedModelObj
+from agent.k8s.threads import start_daemon
 
 log = structlog.get_logger("agent.k8s.provider")
 
@@ -119,8 +120,4 @@ class KubeDesiredProvider:
             self.recompute()
 
     def start(self) -> threading.Thread:
-        threading.Thread(target=lambda: (self.stop.wait(), self._dirty.set()), name="desired-stop",
-                         daemon=True).start()
-        thread = threading.Thread(target=self.run, name="desired-state", daemon=True)
-        thread.start()
-        return thread
+        return start_daemon(self.run, "desired-state", self.stop, self._dirty.set)

@@ -37,6 +37,7 @@ import structlog
 from agent.core.retry import RetryPolicy
 from agent.errors import KubeApiError
 from agent.k8s.client import KubeApi, call, classify
+from agent.k8s.threads import start_daemon
 
 log = structlog.get_logger("agent.k8s.watch")
 T = TypeVar("T")
@@ -303,13 +304,5 @@ class Reflector(Generic[T]):
                 self.stop.wait(self.settings.backoff.cap)
 
     def start(self, name: str | None = None) -> threading.Thread:
-        """Run in a daemon thread; a helper cuts the open watch as soon as ``stop`` is set."""
-
-        def abort_on_stop() -> None:
-            self.stop.wait()
-            self.cut()
-
-        threading.Thread(target=abort_on_stop, name=f"{name or 'watch'}-stop", daemon=True).start()
-        thread = threading.Thread(target=self.run, name=name or f"watch {self.target.what}", daemon=True)
-        thread.start()
-        return thread
+        """Run in a daemon thread; the open watch is cut as soon as ``stop`` is set."""
+        return start_daemon(self.run, name or f"watch {self.target.what}", self.stop, self.cut)
