@@ -222,3 +222,12 @@ def test_stop_cuts_an_open_watch_at_once(kube: KubeEmulator, api: KubeApi) -> No
     stop.set()
     thread.join(5)
     assert not thread.is_alive() and time.monotonic() - t0 < 1.0
+
+
+def test_a_429_on_the_list_waits_what_retry_after_says(kube: KubeEmulator, api: KubeApi, stop: threading.Event) -> None:
+    kube.fail_next("GET", "/cachedmodels$", 429, retry_after=1)
+    r = crs(api, stop)  # its own backoff would retry after 50 ms
+    r.start()
+    assert r.synced.wait(5)
+    lists = [q for q in kube.requests if q.verb == "list"]
+    assert [q.status for q in lists] == [429, 200] and lists[1].at - lists[0].at >= 0.95

@@ -168,6 +168,8 @@ class Elector:
             return 0.0
         except KubeApiError as e:
             retry = self._retry_delay()
+            if e.retry_after is not None:  # honour it, but try once more before the deadline
+                retry = max(retry, min(e.retry_after, valid_until - now - 0.1 * t.renew_period))
             self._next_renew = now + retry
             log.warning("leader.renew_failed", lease=self.name, error=str(e), leader_for=round(valid_until - now, 2),
                         retry_in=round(retry, 2))
@@ -204,7 +206,7 @@ class Elector:
             rec = self.store.acquire(self.name, self.identity, t.duration, seen, now, early=t.acquire_jitter,
                                      timeout=self.store.api.request_timeout)
         except KubeApiError as e:
-            self._next_try = now + self._retry_delay(long=e.permanent)
+            self._next_try = now + max(self._retry_delay(long=e.permanent), e.retry_after or 0.0)
             log.warning("leader.acquire_failed", lease=self.name, error=str(e), need=self.need() if e.permanent else "")
             return self._next_try - now
         if rec is None:  # someone was first (or it changed since we looked): look again

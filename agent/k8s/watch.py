@@ -290,6 +290,8 @@ class Reflector(Generic[T]):
                     self._need_list = True
                 policy = self.settings.backoff
                 delay = policy.delay(min(self._failures, 30), self.rng)
+                if e.retry_after is not None:  # 429/503 with Retry-After: the server said when
+                    delay = max(delay, min(e.retry_after, policy.max_retry_after))
                 if e.permanent:
                     delay = max(delay, policy.cap)
                     log.warning("watch.forbidden" if e.status == 403 else "watch.failed", what=self.target.what,
