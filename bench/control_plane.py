@@ -51,7 +51,7 @@ from agent.k8s.client import make_api
 from agent.k8s.settings import KubeSettings
 from agent.k8s.wiring import ClusterParts, LoopHooks, start_cluster_parts
 from agent.modelgen import make_hub_model
-from agent.runtime.loop import Reconciler
+from agent.runtime.loop import Loop
 from agent.sources.base import SourceRef, SourceSettings
 from agent.sources.factory import open_sources
 from tests.peers.kube_emulator import KubeEmulator
@@ -85,24 +85,24 @@ def run_node_agent(node: str, kube_url: str, cache: Path, pvc: Path, ks: KubeSet
     store.ensure_dirs()
     store.sweep_all()
     sources = open_sources([SourceRef("pvc", str(pvc))], SourceSettings())
-    box: list[Reconciler] = []
-    hooks = LoopHooks(on_desired=lambda d: box[0].set_desired(d))
+    box: list[Loop] = []
+    # on_in_use: nothing consumes it yet (issue 14), but the pod watch is part of what every agent costs.
+    hooks = LoopHooks(on_desired=lambda d: box[0].set_desired(d), on_in_use=lambda _in_use: None)
     api = make_api(kube_url, request_timeout=ks.request_timeout, qps=ks.qps, burst=ks.burst, user_agent=node,
                    retry=ks.retry)
     parts = start_cluster_parts(ks, hooks, stop, node_name=node, prefix=P, api=api, start=False)
     if parts is None:
         return
-    rec = Reconciler(store, sources, parts.reporter, workers=1)
-    box.append(rec)
+    loop = Loop(store, sources, parts.reporter, workers=1, check_interval=check_interval)
+    box.append(loop)
     if parts_out is not None:
         parts_out.append(parts)
     parts.start()
-    loop = threading.Thread(target=rec.run, args=(stop,), kwargs={"interval": check_interval}, daemon=True,
-                            name=f"reconcile-{node}")
-    loop.start()
+    thread = threading.Thread(target=loop.run, args=(stop,), daemon=True, name=f"loop-{node}")
+    thread.start()
     stop.wait()
-    rec.wake()
-    rec.shutdown(2.0)
+    loop.wake()
+    loop.shutdown(2.0)
     parts.close(2.0)
     for s in sources:
         s.close()

@@ -50,7 +50,7 @@ class Candidate:
         self.elector = Elector(LeaseStore(self.api, NS, stop=stop), lease, who, timing=TIMING, stop=stop,
                                clock=self.clock, rng=random.Random(7))
         self.frozen = threading.Event()  # its watches' stop: the test's stop, or freeze()
-        threading.Thread(target=lambda: (stop.wait(), self.frozen.set()), daemon=True).start()
+        threading.Thread(target=self._end_with, args=(stop,), daemon=True).start()
         self.crs: Reflector[CachedModelObj] = Reflector(
             self.api, WatchTarget("cachedmodels", self.api.custom.list_cluster_custom_object, (GROUP, VERSION, PLURAL)),
             parse_cached_model, stop=self.frozen, settings=WATCH)
@@ -60,6 +60,12 @@ class Candidate:
                               EventRecorder(self.api, node_name=who), prefix=P, stop=stop, interval=5.0,
                               node_selector="gpu=true", watch=WATCH, clock=self.clock)
         self.lease = lease
+
+    def _end_with(self, stop: threading.Event) -> None:
+        stop.wait()
+        self.frozen.set()
+        if self.agg._nodes_stop is not None:
+            self.agg._nodes_stop.set()
 
     def freeze(self) -> None:
         """Stop this candidate's watches where they are (what a paused process sees afterwards)."""
