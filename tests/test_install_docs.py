@@ -25,7 +25,7 @@ import yaml
 from agent.config import load_config_file, parse_sources
 from agent.core.desired import ModelState, ModelStatus
 from agent.core.selector import status_key
-from agent.k8s.bridge import annotation_statuses
+from agent.k8s.reporter import annotation_statuses
 from tests.test_manifests import K8S_VERSIONS, PREFIX, env_of, load_file, one, render, validate_cachedmodel
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -270,10 +270,11 @@ def test_status_annotation_is_documented_field_by_field() -> None:
     text = section(DEPLOY, "## What the agent writes on its Node")
     key = status_key(PREFIX)
     assert f"`{key}`" in text
-    full = ModelStatus(name="m", state="filling", commit="c" * 40, bytes=1, progress=0.5, level="verified",
-                       last_error="boom", in_use=True, source="peers").compact()
+    compact = ModelStatus(name="m", state="filling", commit="c" * 40, bytes=1, progress=0.5, level="verified",
+                          last_error="boom", in_use=True, source="peers").compact()
+    full = annotation_statuses({"m": compact}, {"m": ("main", "c" * 40)})["m"]  # + the agent's pin proposal
     documented = re.findall(r"^\s*\| `(\w+)` \|", text, re.M)
-    assert sorted(documented) == sorted(full), "the table lists exactly the fields compact() can write"
+    assert sorted(documented) == sorted(full), "the table lists exactly the fields the agent can write"
     state_row = next(line for line in text.splitlines() if line.strip().startswith("| `state`"))
     for state in typing.get_args(ModelState):
         assert f"`{state}`" in state_row, state
