@@ -326,9 +326,10 @@ def kube_settings_from(f: Mapping[str, Any], env: Mapping[str, str]) -> KubeSett
     for key, default in (("leaseNamespace", default_namespace(env)), ("leaseName", KubeSettings.lease_name),
                          ("aggregateNodeSelector", "")):
         value = f.get(key, default) or default
-        if not isinstance(value, str) or (key != "aggregateNodeSelector" and not LABEL_NAME_RE.fullmatch(value)):
-            raise ConfigError(f"{key}: {value!r} is not valid" + (" (a DNS-1123 label)" if key != "aggregateNodeSelector"
-                                                                  else " (a label selector string)"))
+        selector = key == "aggregateNodeSelector"
+        if not isinstance(value, str) or (not selector and not LABEL_NAME_RE.fullmatch(value)):
+            kind = "a label selector" if selector else "a DNS-1123 label"
+            raise ConfigError(f"{key}: {value!r} is not valid ({kind})")
         strings[key] = value
     return KubeSettings(
         qps=v["qps"], burst=int(v["burst"]), request_timeout=v["request_timeout"],

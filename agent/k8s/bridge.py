@@ -14,6 +14,7 @@ import threading
 from collections.abc import Callable
 
 from agent.core.desired import DesiredState
+from agent.core.inuse import InUse
 from agent.k8s.client import KubeApi
 from agent.k8s.events import EventRecorder
 from agent.k8s.node import NodeReporter
@@ -27,9 +28,12 @@ class KubeDesiredProvider:
     """Owns a ClusterParts built from the pieces run_agent made; ``start`` starts all of it."""
 
     def __init__(self, api: KubeApi, node: NodeReporter, on_change: Callable[[DesiredState], None], *,
-                 stop: threading.Event, resync: float = 300.0) -> None:
+                 stop: threading.Event, resync: float = 300.0,
+                 on_in_use: Callable[[InUse], None] | None = None) -> None:
+        """``on_in_use`` (e.g. ``lambda u: loop.set_in_use(u.models)``) turns on the pod watch."""
         ks = KubeSettings(lease_namespace=default_namespace(os.environ))
-        self.parts = ClusterParts(api, ks, node.node_name, node.prefix, LoopHooks(on_change), stop, node=node)
+        self.parts = ClusterParts(api, ks, node.node_name, node.prefix, LoopHooks(on_change, on_in_use), stop,
+                                  node=node)
 
     def start(self) -> KubeDesiredProvider:
         self.parts.start()

@@ -3,7 +3,7 @@
 ``run_agent`` (cluster mode) does::
 
     hooks = LoopHooks(on_desired=lambda d: rec.set_desired(d),          # the Reconciler, bound late
-                      on_in_use=lambda u: rec.set_in_use(u))            # optional (issue 14)
+                      on_in_use=lambda u: rec.set_in_use(u.models))     # turns the pod watch on
     parts = start_cluster_parts(settings.kube, hooks, stop, node_name=settings.node_name,
                                 prefix=settings.label_prefix, kube_host=settings.kube_host,
                                 start=False)                            # blocks until our Node is read
