@@ -269,3 +269,14 @@ def test_an_undesired_drain_ends_when_the_model_is_desired_again() -> None:
     assert p1.drains
     p2 = space_step({"a": a}, {"a": ok(a)}, rec, snaps, wall=1010.0, drains=p1.drains)
     assert p2.drains == {} and p2.ready == {"a"}
+
+
+def test_nothing_is_deleted_before_the_pod_watch_has_listed() -> None:
+    gone = spec("gone")
+    rec, snaps = {"gone": record(gone)}, (snapshot_of(gone),)
+    p1 = space_step({}, {}, rec, snaps, wall=1000.0)
+    desired = DesiredState(models={})
+    snap = NodeSnapshot({}, snaps, 0.0, rec)
+    p2 = plan(desired, snap, {}, frozenset(), (), 0.0, Policy(space=GRACE, wall_now=5000.0),
+              usage=Usage(known=False), drains=p1.drains)
+    assert p2.evictions == () and p2.drains == p1.drains  # drained, but not deleted blind

@@ -126,6 +126,7 @@ class Usage:
 
     in_use: frozenset[str] = frozenset()
     last_used: Mapping[str, float] = field(default_factory=dict)
+    known: bool = True  # False until the pod watch listed once: drains may start, nothing is deleted
 
 
 @dataclass
@@ -164,6 +165,8 @@ def plan(
                            now=policy.wall_now, policy=policy.space)
     else:  # the desired set is not known yet (no list from the API so far): nothing is unwanted yet
         space = SpacePlan(drains=dict(drains or {}))
+    if not usage.known:
+        space.delete = []  # who uses what is not known yet: a model in use must never be deleted
     unmet = {n.name for n in space.unmet}
     freeing = bool(space.delete)
     for name, spec in sorted(desired.models.items(), key=lambda kv: (-kv[1].priority, kv[0])):

@@ -54,7 +54,8 @@ from agent.k8s.settings import KubeSettings
 from agent.k8s.watch import Reflector, WatchSettings, WatchTarget
 
 log = structlog.get_logger("agent.k8s.wiring")
-START_BACKOFF = RetryPolicy(attempts=1_000_000, base=0.5, cap=30.0)
+# Gentle growth, 10 s cap: an agent is back within seconds of an API server restart; jitter spreads a fleet.
+START_BACKOFF = RetryPolicy(attempts=1_000_000, base=0.5, factor=1.5, cap=10.0)
 RBAC_FILE = "manifests/rbac.yaml"
 
 
@@ -77,7 +78,7 @@ def wait_for_api(node: NodeReporter, stop: threading.Event, *, policy: RetryPoli
     Selectors are evaluated against this Node's labels, so nothing starts before they are known.
     Each failure is logged with what to fix: a 403 names the verb and resource the ServiceAccount
     lacks, a 404 the NODE_NAME that matches no Node, 401 the credentials; anything else (API server
-    restarting) is ``agent.api_unreachable``. The pause grows to ``policy.cap`` (30 s).
+    restarting) is ``agent.api_unreachable``. The pause grows to ``policy.cap`` (10 s).
     """
     attempt = 0
     one_try = RetryPolicy(attempts=1)

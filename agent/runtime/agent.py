@@ -15,7 +15,6 @@ import threading
 import time
 from collections import deque
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import structlog
 
@@ -32,9 +31,6 @@ from agent.runtime.loop import Loop
 from agent.runtime.scrub import Scrubber
 from agent.sources.base import Source
 from agent.sources.factory import open_sources
-
-if TYPE_CHECKING:  # only cluster mode imports the kubernetes client
-    from agent.k8s.node import NodeReporter
 
 log = structlog.get_logger("agent.runtime.agent")
 
@@ -76,37 +72,6 @@ def validate_cache_dir(store: Store) -> None:
     if os.stat(lay.hub).st_dev != os.stat(lay.agent_dir).st_dev:
         raise ConfigError(
             f"--cache-dir {lay.root}: hub/ and .agent/ are on different filesystems; renames would not be atomic")
-
-
-def read_node_until_reachable(node: NodeReporter, stop: threading.Event) -> bool:
-    """Read this Node's labels before anything is decided from them; wait out an API that does not answer.
-
-    Selectors are evaluated against these labels, so starting without them would drop every model
-    (and its ready label). Nothing here exits: an API server restarting, a Node not registered yet
-    or a missing RBAC permission (403) are all waited out with a jittered, growing pause and a
-    log line naming the cause, because a crash-looping DaemonSet helps nobody and /healthz is
-    served meanwhile. False if stopped first.
-    """
-    from agent.errors import KubeApiError
-    from agent.k8s.client import WATCH_BACKOFF
-
-    attempt = 0
-    while not stop.is_set():
-        try:
-            node.refresh(stop)
-            return True
-        except KubeApiError as e:
-            attempt += 1
-            pause = WATCH_BACKOFF.delay(attempt)  # jittered, growing: a fleet restarting together spreads out
-            if e.status == 403:
-                log.error("agent.api_forbidden", node=node.node_name, error=str(e), retry_in=round(pause, 2),
-                          hint="the agent's ServiceAccount needs 'get' on nodes (manifests/rbac.yaml)")
-            elif e.permanent:
-                log.error("agent.api_refused", node=node.node_name, error=str(e), retry_in=round(pause, 2))
-            else:
-                log.warning("agent.api_unreachable", node=node.node_name, error=str(e), retry_in=round(pause, 2))
-            stop.wait(pause)
-    return False
 
 
 def _start_peers(sources: list[Source], store: Store, loop: Loop, metrics: Metrics) -> None:
@@ -163,21 +128,18 @@ def run_agent(settings: RunSettings, *, stop: threading.Event | None = None,
     parts: list[object] = []
     try:
         if settings.kubernetes:
-            from agent.k8s.bridge import KubeDesiredProvider, KubeReporter
-            from agent.k8s.client import make_api
-            from agent.k8s.events import EventRecorder
-            from agent.k8s.node import NodeReporter
+            from agent.k8s.wiring import LoopHooks, start_cluster_parts
 
-            api = make_api(settings.kube_host)
-            parts.append(api)
-            node = NodeReporter(api, settings.node_name, settings.label_prefix)
-            if not read_node_until_reachable(node, stop):
+            loop.set_in_use((), known=False)  # nothing may be deleted until the pod watch has listed once
+            hooks = LoopHooks(on_desired=loop.set_desired,
+                              on_in_use=lambda u: loop.set_in_use(u.models, known=u.synced))
+            cluster = start_cluster_parts(settings.kube, hooks, stop, node_name=settings.node_name,
+                                          prefix=settings.label_prefix, kube_host=settings.kube_host, start=False)
+            if cluster is None:  # stopped while waiting for the API server
                 return 0
-            events = EventRecorder(api, node_name=settings.node_name)
-            provider = KubeDesiredProvider(api, node, loop.set_desired, stop=stop, resync=settings.resync_seconds)
-            loop.reporter = KubeReporter(api, node, events, provider, stop=stop)
-            provider.start()  # the Node writer starts with the loop's first report (see KubeReporter.report)
-            parts += [node, provider]
+            loop.reporter = cluster.reporter
+            cluster.start()
+            parts.append(cluster)
         else:
             assert settings.models_file is not None
             models = ModelsFileProvider(settings.models_file, loop.set_desired)

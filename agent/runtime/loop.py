@@ -98,6 +98,7 @@ class _RescanAll:
 @dataclass(frozen=True)
 class _InUse:
     names: frozenset[str]
+    known: bool
 
 
 @dataclass(frozen=True)
@@ -147,6 +148,7 @@ class Loop:
         self._wake_at: float | None = None
         self._drains: Mapping[tuple[str, str], Drain] = {}
         self._in_use: frozenset[str] = frozenset()
+        self._in_use_known = True
         self._last_used: dict[str, float] = _load_usage(store.layout.agent_dir / "usage.json")
         self._reported: tuple[frozenset[str], dict[str, ModelStatus]] | None = None
         # read by other threads: replaced whole, never mutated
@@ -168,9 +170,12 @@ class Loop:
         """The filesystem watcher or the scrub: re-check models of ``repo`` now (and re-hash these blobs)."""
         self._post(_Dirty(repo, frozenset(blobs)))
 
-    def set_in_use(self, names: Collection[str]) -> None:
-        """The models pods on this node use now (pod watch, or ``--in-use-file``): never drained or evicted."""
-        self._post(_InUse(frozenset(names)))
+    def set_in_use(self, names: Collection[str], *, known: bool = True) -> None:
+        """The models pods on this node use now (pod watch, or ``--in-use-file``): never drained or evicted.
+
+        ``known=False`` until the pod watch has listed once: until then nothing is deleted at all.
+        """
+        self._post(_InUse(frozenset(names), known))
 
     def rescan_all(self) -> None:
         """Events were lost (inotify overflow): re-check every model on the next pass."""
@@ -235,6 +240,7 @@ class Loop:
             elif isinstance(msg, _Dirty):
                 self._dirty_repos.setdefault(msg.repo, set()).update(msg.blobs)
             elif isinstance(msg, _InUse):
+                self._in_use_known = msg.known
                 if msg.names != self._in_use:
                     self._in_use = msg.names
                     self._touch_usage(save=True)
@@ -262,7 +268,7 @@ class Loop:
         policy = replace(self.policy, wall_now=self.wall())
         self._touch_usage(save=False)
         p = plan(desired, snap, self._statuses, busy, outcomes, now, policy, self.rng,
-                 usage=Usage(self._in_use, dict(self._last_used)), drains=self._drains)
+                 usage=Usage(self._in_use, dict(self._last_used), self._in_use_known), drains=self._drains)
         self._drains = p.drains
         self._execute(p, desired)
         statuses = dict(p.statuses)
