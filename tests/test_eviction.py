@@ -124,7 +124,7 @@ def test_pod_arriving_during_the_drain_brings_the_label_back(pvc: Path, tmp_path
         assert agent.ready() == set()  # unlabelled: no new worker lands on it
         write(used, ["low"])  # a worker arrives anyway (soft affinity): the drain is cancelled
         wait_until(lambda: agent.ready() == {"low"}, 15)
-        assert state(agent, "high") == "waiting-for-space"
+        assert state(agent, "high") in ("waiting-for-space", "filling")  # waiting, or its periodic retry
         assert agent.metrics()[("modelcache_model_in_use", (("model", "low"),))] == 1
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Mapping
+from dataclasses import replace
 
 from agent.core.actions import FillOutcome, Plan, Policy, Usage, plan
 from agent.core.desired import DesiredState, ModelStatus
@@ -280,3 +281,16 @@ def test_nothing_is_deleted_before_the_pod_watch_has_listed() -> None:
     p2 = plan(desired, snap, {}, frozenset(), (), 0.0, Policy(space=GRACE, wall_now=5000.0),
               usage=Usage(known=False), drains=p1.drains)
     assert p2.evictions == () and p2.drains == p1.drains  # drained, but not deleted blind
+
+
+def test_waiting_for_space_is_news_once_not_on_every_retry() -> None:
+    mine, other = spec("mine", 100), spec("other", 100)
+    rec, snaps = {"mine": record(mine)}, (snapshot_of(mine),)
+    need = FillOutcome("other", False, error="disk full", shortfall=200, spec=other)
+    disks = {"mine": ok(mine), "other": ModelDisk("other", None, ("not cached",))}
+    models = {"mine": mine, "other": other}
+    p1 = space_step(models, disks, rec, snaps, wall=1000.0, prev={"other": ModelStatus("other", state="filling")},
+                    outcomes=(need,))
+    retrying = {**p1.statuses, "other": replace(p1.statuses["other"], state="filling")}  # the periodic retry
+    p2 = space_step(models, disks, rec, snaps, wall=1060.0, prev=retrying, outcomes=(need,))
+    assert [e.reason for e in p1.events] == ["WaitingForSpace"] and p2.events == ()

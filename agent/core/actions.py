@@ -270,7 +270,7 @@ def _model(
             st = replace(st, source=outcome.source, filled=True, repairing=False, last_error="", need_bytes=0,
                          waiting_since=0.0)
         elif outcome.shortfall > 0:  # out of room: wait for an eviction (or for space freed by others)
-            if st.state != "waiting-for-space" or unmet != st.last_error.startswith("nothing may be evicted"):
+            if not st.need_bytes or unmet != st.last_error.startswith("nothing may be evicted"):  # news once
                 why = ("nothing may be evicted for it (models in use, or of equal or higher priority)" if unmet
                        else "models are being drained to make room")
                 out.events.append(Event(name, "WaitingForSpace", f"{outcome.error}; {why}", warning=True))
