@@ -240,6 +240,7 @@ class RunSettings:
     high_watermark: float = 0.85
     low_watermark: float = 0.75
     in_use_file: Path | None = None  # file mode: model names pods use, one per line (stands in for the pod watch)
+    advertise_host: str | None = None  # peers, cluster mode: where other agents reach this one (env POD_IP)
     termination_budget: float = 45.0
     fill_backoff: RetryPolicy = FILL_BACKOFF  # wait between failed fills of one model
     kube: KubeSettings = field(default_factory=lambda: KubeSettings())
@@ -413,6 +414,7 @@ def load_run_settings(args: Any, env: Mapping[str, str]) -> RunSettings:
         **numbers,
         **_eviction_settings(args, f, numbers["high_watermark"], numbers["low_watermark"]),
         kube=kube_settings_from(f, env),
+        advertise_host=env.get("POD_IP") or None,
     )
 
 

@@ -183,6 +183,7 @@ def test_base_renders_only_the_install_objects() -> None:
         ("CustomResourceDefinition", "cachedmodels.modelcache.dev"),
         ("DaemonSet", "model-cache-agent"),
         ("Namespace", NAMESPACE),
+        ("NetworkPolicy", "model-cache-agent"),
         ("PriorityClass", "model-cache-agent"),
         ("Role", "model-cache-agent"),
         ("RoleBinding", "model-cache-agent"),
@@ -423,8 +424,10 @@ def test_node_name_from_downward_api() -> None:
 def test_probes_and_metrics_port() -> None:
     agent = agent_container()
     port = agent_config()["metricsPort"]
-    (container_port,) = agent["ports"]
+    by_name = {p["name"]: p for p in agent["ports"]}
+    container_port = by_name["metrics"]
     assert container_port["containerPort"] == port == 9400
+    assert (by_name["p2p"]["containerPort"], by_name["p2p-index"]["containerPort"]) == (6881, 6882)  # index = +1
     for probe, path in (("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")):
         get = agent[probe]["httpGet"]
         assert get["path"] == path
@@ -582,3 +585,16 @@ def test_dynamo_graph_deployment_worker_selects_ready_nodes() -> None:
             "spec": {**pod_fields, "containers": [{"name": "main", **extra["mainContainer"]}]},
         }
         kubernetes_validate.validate(pod, K8S_VERSIONS[-1], strict=True)
+
+
+def test_networkpolicy_admits_only_agents_to_the_peer_ports_and_anyone_to_metrics() -> None:
+    objs = base()
+    (np,) = [o for o in objs if o["kind"] == "NetworkPolicy"]
+    (ds,) = [o for o in objs if o["kind"] == "DaemonSet"]
+    pod_labels = ds["spec"]["template"]["metadata"]["labels"]
+    assert all(pod_labels.get(k) == v for k, v in np["spec"]["podSelector"]["matchLabels"].items())
+    ports = {p["name"] for c in ds["spec"]["template"]["spec"]["containers"] for p in c.get("ports", [])}
+    peer_rule, open_rule = np["spec"]["ingress"]
+    assert {p["port"] for p in peer_rule["ports"]} == {"p2p", "p2p-index"} <= ports
+    assert peer_rule["from"][0]["podSelector"]["matchLabels"] == np["spec"]["podSelector"]["matchLabels"]
+    assert "from" not in open_rule and [p["port"] for p in open_rule["ports"]] == ["metrics"]

@@ -11,10 +11,12 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import threading
 import time
 from collections import deque
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import structlog
 
@@ -31,6 +33,9 @@ from agent.runtime.loop import Loop
 from agent.runtime.scrub import Scrubber
 from agent.sources.base import Source
 from agent.sources.factory import open_sources
+
+if TYPE_CHECKING:  # only cluster mode imports the kubernetes client
+    from agent.k8s.wiring import ClusterParts
 
 log = structlog.get_logger("agent.runtime.agent")
 
@@ -74,13 +79,33 @@ def validate_cache_dir(store: Store) -> None:
             f"--cache-dir {lay.root}: hub/ and .agent/ are on different filesystems; renames would not be atomic")
 
 
-def _start_peers(sources: list[Source], store: Store, loop: Loop, metrics: Metrics) -> None:
-    """``--source peers``: start the BitTorrent service, seed what is verified, seed each new publish."""
+def _start_peers(sources: list[Source], store: Store, loop: Loop, metrics: Metrics, settings: RunSettings,
+                 cluster: ClusterParts | None, stop: threading.Event) -> None:
+    """``--source peers``: start the BitTorrent service, seed what is verified, seed each new publish.
+
+    In a cluster the origin slots are Leases whose holder identity is this agent's address, which is
+    also how waiting agents find where a model is seeded (agent.k8s.slots).
+    """
     svc = next((getattr(s, "service", None) for s in sources if s.kind == "peers"), None)
     if svc is None:
         return
     svc.on_corrupt = lambda repo, _commit: loop.mark_dirty(repo)
     svc.start()
+    if cluster is not None:
+        from agent.k8s.lease import LeaseStore
+        from agent.k8s.slots import LeaseSlots
+        from agent.sources.peers.settings import parse_peer_addr
+
+        static = list(svc.settings.peers)
+        host = settings.advertise_host or socket.gethostbyname(socket.gethostname())
+
+        def learned(addrs: list[str]) -> None:
+            found = [parse_peer_addr(a, "origin slot holder") for a in addrs]
+            svc.set_peers([*static, *(a for a in found if a not in static)])
+
+        svc.gate.slots = LeaseSlots(LeaseStore(cluster.api, settings.kube.lease_namespace, stop=stop),
+                                    f"{settings.node_name}@{host}:{svc.bt_port}", svc.settings.origin_concurrency,
+                                    on_holders=learned)
     loop.published_hooks.append(lambda m: svc.seed(store, m))
     loop.evict_hooks.append(svc.unseed)
     for m in store.manifests():
@@ -126,6 +151,7 @@ def run_agent(settings: RunSettings, *, stop: threading.Event | None = None,
         ready_file.write_text(str(server.port))
 
     parts: list[object] = []
+    cluster: ClusterParts | None = None
     try:
         if settings.kubernetes:
             from agent.k8s.wiring import LoopHooks, start_cluster_parts
@@ -152,7 +178,7 @@ def run_agent(settings: RunSettings, *, stop: threading.Event | None = None,
                 parts.append(in_use.start())
         health.waiting_for = ""
 
-        _start_peers(sources, store, loop, metrics)
+        _start_peers(sources, store, loop, metrics, settings, cluster, stop)
         hub_watch = HubWatcher(store.layout.hub, loop.mark_dirty, on_overflow=loop.rescan_all).start()
         parts.append(hub_watch)
         health.watch("hub watcher", hub_watch.alive)

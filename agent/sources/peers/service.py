@@ -458,7 +458,7 @@ class PeerService:
                      pieces=lay.num_pieces, piece_length=lay.piece_length)
             return ih
         finally:
-            self.gate.release(slot_key(manifest.repo, manifest.commit))
+            self.gate.seeded(slot_key(manifest.repo, manifest.commit))
 
     def _cached_info(self, store: Store, key: str, lay: TorrentLayout) -> bytes | None:
         info = self._infos.get(key)
@@ -484,6 +484,7 @@ class PeerService:
                     self._ses.remove_torrent(s.handle)
         for s in gone:
             log.info("peers.unseeded", repo=repo, commit=commit[:12], info_hash=s.info_hash[:12])
+        self.gate.unseeded(slot_key(repo, commit))
 
     def seeding(self) -> list[tuple[str, str, str]]:
         """(repo, commit, info-hash) of every seeded snapshot."""

@@ -182,6 +182,20 @@ class OriginGate:
         if slot is not None:
             slot.release()
 
+    def seeded(self, key: str) -> None:
+        """This node seeds the model now: its slot becomes the swarm's beacon where the slots support it
+        (cluster Leases keep naming this node as the place to find the model), else it is released."""
+        with self._mu:
+            slot = self._held.pop(key, None)
+            self._denied.discard(key)
+        if slot is not None:
+            getattr(slot, "seeding", slot.release)()
+
+    def unseeded(self, key: str) -> None:
+        drop = getattr(self.slots, "drop", None)
+        if drop is not None:
+            drop(key)
+
     def release_repo(self, repo: str) -> None:
         with self._mu:
             keys = [k for k in self._held if k.startswith(repo + "@")]
@@ -193,6 +207,9 @@ class OriginGate:
             keys = list(self._held)
         for k in keys:
             self.release(k)
+        drop_all = getattr(self.slots, "drop_all", None)
+        if drop_all is not None:
+            drop_all()
 
     def held(self) -> list[str]:
         with self._mu:
