@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -22,6 +21,7 @@ import yaml
 from agent.modelgen import MiB, make_hub_model
 from e2e.test_three_nodes import Agent, wait_until
 from tests.peers.kube_emulator import KubeEmulator, rules_from_manifest
+from tests.peers.net import free_port_pair
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -29,20 +29,6 @@ ROOT = Path(__file__).resolve().parents[1]
 GROUP, PLURAL, P, NS = "modelcache.dev", "cachedmodels", "modelcache.dev", "model-cache"
 NODES = ("gpu-0", "gpu-1", "gpu-2")
 REPO = "org/swarm"
-
-
-def port_pair() -> int:
-    for _ in range(100):
-        with socket.socket() as a:
-            a.bind(("127.0.0.1", 0))
-            port = int(a.getsockname()[1])
-        try:
-            with socket.socket() as b:
-                b.bind(("127.0.0.1", port + 1))
-            return port
-        except OSError:
-            continue
-    raise RuntimeError("no free port pair")
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +45,7 @@ def agents(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[KubeEmula
         for node in NODES:
             cache, log = tmp / f"cache-{node}", tmp / f"agent-{node}.log"
             cmd = [sys.executable, "-m", "agent", "--log-json", "run", "--kube-host", kube.url, "--node-name", node,
-                   "--source", "peers", "--source", f"pvc:{pvc}", "--p2p-port", str(port_pair()),
+                   "--source", "peers", "--source", f"pvc:{pvc}", "--p2p-port", str(free_port_pair()),
                    "--cache-dir", str(cache), "--metrics-host", "127.0.0.1", "--metrics-port", "0",
                    "--scrub-interval", "0"]
             env = {k: v for k, v in os.environ.items() if k not in ("NODE_NAME", "MODEL_CACHE_DIR", "KUBECONFIG")}

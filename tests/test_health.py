@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import socket
 import threading
 from pathlib import Path
 
 from agent.metrics import Health
 from tests.agent_harness import running_agent, settings_for, wait_until
+from tests.peers.net import free_port
 
 
 def test_a_dead_thread_fails_healthz_and_names_it() -> None:
@@ -36,17 +36,11 @@ def test_a_stalled_loop_fails_healthz_but_not_before_its_first_pass() -> None:
     assert not ok and why.startswith("loop stalled")
 
 
-def closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def test_healthz_is_served_while_the_api_server_cannot_be_reached(tmp_path: Path) -> None:
     mf = tmp_path / "models.yaml"
     mf.write_text("[]\n")
     settings = settings_for(tmp_path / "cache", mf, ["hub"], kubernetes=True,
-                            kube_host=f"http://127.0.0.1:{closed_port()}")
+                            kube_host=f"http://127.0.0.1:{free_port()}")
     with running_agent(settings) as agent:
         assert agent.get("/healthz") == (200, "ok\n")  # a liveness probe must not restart a patient agent
         code, body = agent.get("/readyz")

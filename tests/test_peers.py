@@ -11,7 +11,6 @@ import hashlib
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import threading
@@ -42,6 +41,7 @@ from agent.sources.peers.source import PeerSource
 from agent.sources.pvc import PvcSource
 from tests.conftest import agent_cmd
 from tests.peers.hub_server import HubServer, wait_for
+from tests.peers.net import free_port, free_port_pair
 
 hub = hub_fixtures.hub
 hub_session = hub_fixtures.hub_session
@@ -331,7 +331,7 @@ def test_discovered_peers_replace_the_static_list(origin: Origin, make_node: Cal
 @pytest.mark.parametrize("peers", ["none", "dead"])
 def test_no_peer_falls_back_and_holds_the_slot_until_seeding(origin: Origin, make_node: Callable[..., Node],
                                                              peers: str) -> None:
-    dead = PeerAddr("127.0.0.1", _free_port(), _free_port())
+    dead = PeerAddr("127.0.0.1", free_port(), free_port())
     leech = make_node("leech", peers=() if peers == "none" else (dead,))
     with structlog.testing.capture_logs() as events:
         res = leech.fill(origin.source())
@@ -479,26 +479,8 @@ def test_dir_slots_cap_release_and_death(tmp_path: Path) -> None:
 # -- the command line -----------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _free_port_pair() -> int:
-    for _ in range(50):
-        p = _free_port()
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", p + 1))
-            except OSError:
-                continue
-        return p
-    raise RuntimeError("no two consecutive free ports")
-
-
 def test_cli_fill_from_peers(tmp_path: Path, origin: Origin, make_node: Callable[..., Node]) -> None:
-    port = _free_port_pair()
+    port = free_port_pair()
     seed = make_node("seed", port=port)
     seed.seed(fill_model(seed.store, [origin.source()], REPO, "main").manifest)
     assert seed.service.bt_port == port and seed.service.index_port == port + 1

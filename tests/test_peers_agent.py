@@ -6,7 +6,6 @@ is seeded, the status says where the model came from, and the metrics count byte
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 
 import yaml
@@ -15,23 +14,9 @@ from agent.modelgen import MiB, make_hub_model
 from agent.sources.base import SourceSettings
 from agent.sources.peers.settings import PeerAddr, PeerSettings
 from tests.agent_harness import running_agent, settings_for, wait_until
+from tests.peers.net import free_port_pair
 
 REPO = "org/swarm"
-
-
-def free_port() -> int:
-    """A BitTorrent port whose +1 (the torrent index) is free too."""
-    for _ in range(50):
-        with socket.socket() as a:
-            a.bind(("127.0.0.1", 0))
-            port = int(a.getsockname()[1])
-        try:
-            with socket.socket() as b:
-                b.bind(("127.0.0.1", port + 1))
-            return port
-        except OSError:
-            continue
-    raise RuntimeError("no free port pair")
 
 
 def node_settings(tmp_path: Path, name: str, mf: Path, pvc: Path, port: int, peers: list[int]) -> object:
@@ -46,7 +31,7 @@ def test_second_node_is_warmed_from_the_first_not_the_origin(tmp_path: Path) -> 
     make_hub_model(pvc / "hub", REPO, weight_bytes=2 * MiB, shards=2)
     mf = tmp_path / "models.yaml"
     mf.write_text(yaml.safe_dump([{"name": "swarm", "repo": REPO}]))
-    pa, pb = free_port(), free_port()
+    pa, pb = free_port_pair(), free_port_pair()
     with running_agent(node_settings(tmp_path, "a", mf, pvc, pa, [pb])) as a:  # type: ignore[arg-type]
         wait_until(lambda: a.ready() == {"swarm"}, 30)
         assert a.node_status()["models"]["swarm"]["source"] == "pvc"
