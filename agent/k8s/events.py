@@ -62,7 +62,6 @@ class EventRecorder:
         self.timeout = timeout
         self._lock = threading.Lock()
         self._seen: dict[tuple[str, str, str, str, str], _Seen] = {}
-        self.failed = 0  # for metrics: events we could not write
 
     def emit(
         self,
@@ -78,8 +77,6 @@ class EventRecorder:
         try:
             return self._emit(kind, name, reason, message[:1024], type, uid)
         except Exception as e:  # best effort: any failure is only logged
-            with self._lock:
-                self.failed += 1
             log.warning("event.failed", kind=kind, name=name, reason=reason, error=str(e))
             return False
 
