@@ -70,7 +70,6 @@ def test_api_errors_never_raise(kube: KubeEmulator, api: KubeApi, status: int) -
     kube.fail_next("POST", "/events$", status)
     rec = EventRecorder(api, node_name="gpu-1")
     assert rec.emit("CachedModel", "qwen", "FillFinished", "ok") is False
-    assert rec.failed == 1
     assert rec.emit("CachedModel", "qwen", "FillFinished", "ok") is True
 
 
@@ -78,7 +77,6 @@ def test_outage_never_raises(kube: KubeEmulator, api: KubeApi) -> None:
     rec = EventRecorder(api, node_name="gpu-1", timeout=0.5)
     kube.outage(2.0)
     assert rec.emit("CachedModel", "qwen", "FillFailed", "boom", "Warning") is False
-    assert rec.failed == 1
 
 
 def test_both_event_apis_are_served(kube: KubeEmulator, api: KubeApi) -> None:
