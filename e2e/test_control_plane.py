@@ -15,7 +15,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -52,6 +52,22 @@ class Cluster:
     def holder(self) -> str:
         lease = self.kube.get("leases", LEASE, group="coordination.k8s.io", namespace=NS) or {}
         return str((lease.get("spec") or {}).get("holderIdentity") or "")
+
+    def explain(self, name: str) -> str:
+        """What a failed wait needs to be read later: the CR status, each node's view, the agents' last events."""
+        out = [f"status {name}: {self.status(name)}; lease holder: {self.holder()!r}"]
+        for n, a in self.agents.items():
+            status = self.kube.node_annotations(n).get(f"{P}/status", "")
+            out.append(f"{n}: label={self.kube.node_labels(n).get(f'{P}/{name}')!r} annotation={status[:300]}")
+            events = [f"{r.get('timestamp', '')[11:23]} {r.get('event')}" for r in a.log_lines()[-25:]]
+            out.append(f"  {n} (exit {a.proc.poll()}) last events: {', '.join(events)}")
+        return "\n".join(out)
+
+    def wait_status(self, name: str, pred: Callable[[dict[str, Any]], bool], timeout: float, what: str) -> float:
+        try:
+            return wait_until(lambda: pred(self.status(name)), timeout, what)
+        except AssertionError as e:
+            raise AssertionError(f"{e}\n{self.explain(name)}") from None
 
     def warm(self, name: str) -> set[str]:
         return {n for n in self.agents if self.kube.node_labels(n).get(f"{P}/{name}") == "ready"}
@@ -158,7 +174,7 @@ def test_a_sigkilled_leader_is_replaced_within_the_lease_and_nothing_flaps(clust
     del cluster.agents[old]
     # The new leader keeps the status current: a second model on the two remaining GPU nodes + the dead one.
     kube.create(PLURAL, cr("b", "org/cp-b"), group=GROUP)
-    wait_until(lambda: cluster.status("b").get("readyNodes") == 2, 30, "b ready on the live nodes")
+    cluster.wait_status("b", lambda st: st.get("readyNodes") == 2, 30, "b ready on the live nodes")
     assert cluster.status("b")["desiredNodes"] == 2
 
 
@@ -172,7 +188,7 @@ def test_rollout_through_dropped_watches_and_a_429_storm(cluster: Cluster) -> No
     try:
         kube.create(PLURAL, cr("b", "org/cp-b"), group=GROUP)
         wait_until(lambda: cluster.warm("b") >= live, 40, "b warm again despite the faults")
-        wait_until(lambda: cluster.status("b").get("readyNodes") == len(live), 30, "status caught up")
+        cluster.wait_status("b", lambda st: st.get("readyNodes") == len(live), 30, "status caught up")
     finally:
         kube.stop_dropping()
         kube.clear_faults()

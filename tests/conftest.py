@@ -72,3 +72,19 @@ def stop() -> Iterator[threading.Event]:
     ev = threading.Event()
     yield ev
     ev.set()
+
+
+@pytest.fixture(autouse=True)
+def _no_leaked_peer_sessions() -> Iterator[None]:
+    """A libtorrent session a test leaves running can abort the interpreter at exit: name the test."""
+    before = _live_peer_services()
+    yield
+    leaked = _live_peer_services() - before
+    for svc in leaked:
+        svc.stop()
+    assert not leaked, f"{len(leaked)} PeerService(s) left running"
+
+
+def _live_peer_services() -> set[object]:
+    mod = sys.modules.get("agent.sources.peers.service")
+    return set(mod.live_services()) if mod is not None else set()

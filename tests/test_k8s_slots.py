@@ -54,7 +54,9 @@ def test_one_holder_per_slot_and_the_waiter_learns_where_to_find_the_model(store
     assert b.try_acquire(KEY) is None and learned == [["10.0.0.1:6881"]]
     assert b.busy(KEY)
     slot.release()  # the fill failed: the next node may read the origin at once
-    assert b.try_acquire(KEY) is not None
+    taken = b.try_acquire(KEY)
+    assert taken is not None
+    taken.release()
 
 
 def test_a_seeding_holder_keeps_the_slot_as_the_beacon_until_it_stops_seeding(store: LeaseStore) -> None:
@@ -69,7 +71,9 @@ def test_a_seeding_holder_keeps_the_slot_as_the_beacon_until_it_stops_seeding(st
     clock.now += 29.0  # 58 s after b first saw it, but 29 s after the renewal b saw: still the beacon
     assert b.try_acquire(KEY) is None
     a.drop(KEY)  # evicted or shutting down: the beacon goes
-    assert b.try_acquire(KEY) is not None
+    taken = b.try_acquire(KEY)
+    assert taken is not None
+    taken.release()
 
 
 def test_a_dead_holder_frees_its_slot_after_the_duration_on_the_waiters_clock(store: LeaseStore) -> None:
@@ -82,11 +86,16 @@ def test_a_dead_holder_frees_its_slot_after_the_duration_on_the_waiters_clock(st
     clock.now += 29.0
     assert b.try_acquire(KEY) is None
     clock.now += 1.0
-    assert b.try_acquire(KEY) is not None
+    taken = b.try_acquire(KEY)
+    assert taken is not None
+    taken.release()
 
 
 def test_cap_two_lets_two_nodes_read_the_origin(store: LeaseStore) -> None:
     clock = ManualClock()
     a, b, c = (slots(store, n, clock, cap=2) for n in ("n1", "n2", "n3"))
-    assert a.try_acquire(KEY) is not None and b.try_acquire(KEY) is not None
+    held = [a.try_acquire(KEY), b.try_acquire(KEY)]
+    assert None not in held
     assert c.try_acquire(KEY) is None
+    for slot in held:
+        slot.release()  # type: ignore[union-attr]

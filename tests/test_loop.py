@@ -189,43 +189,58 @@ def test_bug4_model_removed_and_added_back_while_queued_is_filled(pvc: Path, tmp
         assert sorted(src.fetches) == ["org/a", "org/b"]
 
 
-def test_bug5_quarantine_waits_for_the_repo_lock_and_spares_a_blob_repaired_meanwhile(
-        pvc: Path, tmp_path: Path) -> None:
+def _rot_a_blob(store: Store, loop: Loop) -> tuple[Path, bytes]:
+    """Flip a bit of model a's weights, keeping size and mtime (only a content hash can tell), and say so."""
+    record = store.record("a")
+    assert record is not None
+    m = store.manifest("org/a", record.commit)
+    assert m is not None
+    f = next(f for f in m.files if f.path.endswith(".safetensors"))
+    blob = store.layout.blob_path("org/a", f.digest)
+    good = blob.read_bytes()
+    st = blob.stat()
+    blob.write_bytes(bytes([good[0] ^ 1]) + good[1:])
+    os.utime(blob, ns=(st.st_atime_ns, st.st_mtime_ns))
+    loop.mark_dirty("org/a", {f.digest})  # what the watcher or the scrub reports
+    return blob, good
+
+
+def hold_repo_lock(store: Store, repo: str) -> tuple[threading.Thread, threading.Event, threading.Event]:
+    """Another fill of the repo: holds its lock until ``release`` is set, running ``then`` first if given."""
+    got, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with store.lock(repo):
+            got.set()
+            release.wait(30)
+
+    t = threading.Thread(target=hold)
+    t.start()
+    assert got.wait(10)
+    return t, got, release
+
+
+@pytest.mark.parametrize("repaired_meanwhile", [True, False])
+def test_bug5_quarantine_never_races_a_fill_and_a_repair_never_reuses_a_rotten_blob(
+        pvc: Path, tmp_path: Path, repaired_meanwhile: bool) -> None:
     store = Store(tmp_path / "cache")
-    src = PvcSource(pvc)
-    with looping(store, [src]) as (loop, _rec, _):
+    with looping(store, [PvcSource(pvc)]) as (loop, rec, _):
         desire(loop, spec("a"))
         settle(loop)
-        record = store.record("a")
-        assert record is not None
-        m = store.manifest("org/a", record.commit)
-        assert m is not None
-        f = next(f for f in m.files if f.path.endswith(".safetensors"))
-        blob = store.layout.blob_path("org/a", f.digest)
-        good = blob.read_bytes()
-        st = blob.stat()
-        blob.write_bytes(bytes([good[0] ^ 1]) + good[1:])  # bit rot, same size...
-        os.utime(blob, ns=(st.st_atime_ns, st.st_mtime_ns))
-        loop.mark_dirty("org/a", {f.digest})  # ...that the watcher saw
-        got_lock, release = threading.Event(), threading.Event()
-
-        def fill_in_progress() -> None:  # another fill of the repo holds the lock, then restores the blob
-            with store.lock("org/a"):
-                got_lock.set()
-                release.wait(10)
-                blob.write_bytes(good)
-
-        t = threading.Thread(target=fill_in_progress)
-        t.start()
-        assert got_lock.wait(10)
-        quarantined = threading.Thread(target=loop.run_once)
-        quarantined.start()
-        quarantined.join(0.3)
-        assert quarantined.is_alive()  # the quarantine waits for the fill's lock...
+        blob, good = _rot_a_blob(store, loop)
+        holder, _, release = hold_repo_lock(store, "org/a")  # a fill of the repo is under way
+        p = loop.run_once()  # returns at once: the loop never waits for a repo lock a fill holds
+        assert p.quarantines and p.fills and p.fills[0].distrust  # planned, and handed to the repair fill
+        assert blob.exists() and "a" not in rec.ready  # nothing deleted under the running fill
+        if repaired_meanwhile:
+            blob.write_bytes(good)  # that fill restored it
         release.set()
-        quarantined.join(10)
-        t.join(10)
-        assert blob.read_bytes() == good  # ...and re-checks: the repaired blob is not deleted
+        holder.join(10)
+        settle(loop)
+        assert rec.ready == {"a"}
+        assert blob.read_bytes() == good  # kept when good again; deleted and fetched again when still rotten
+        m = store.manifest("org/a", store.record("a").commit)  # type: ignore[union-attr]
+        assert m is not None and store.check(m, full=True).ok
 
 
 def test_bug6_metrics_scrape_while_models_come_and_go_never_fails(pvc: Path, tmp_path: Path) -> None:
@@ -353,3 +368,21 @@ def test_refs_repointed_to_another_cached_commit_unlabels_in_file_mode(pvc: Path
         settle(loop)
         record = store.record("a")
         assert record is not None and store.read_ref("org/a", "main") == record.commit and rec.ready == {"a", "a2"}
+
+
+def test_two_models_on_one_branch_pinned_apart_do_not_refill_each_other(tmp_path: Path) -> None:
+    """Each publish moves refs/main; the other model's commit is still whole, so that is no damage to it."""
+    hub = tmp_path / "pvc" / "hub"
+    c1 = make_hub_model(hub, "org/a", weight_bytes=MiB // 4, seed=1)
+    c2 = make_hub_model(hub, "org/a", weight_bytes=MiB // 4, seed=2)
+    store = Store(tmp_path / "cache")
+    src = GatedSource(PvcSource(tmp_path / "pvc"))
+    src.gate.set()
+    x, y = spec("x", "org/a"), spec("y", "org/a")
+    with looping(store, [src]) as (loop, rec, _):
+        loop.set_desired(DesiredState(models={"x": x, "y": y}, pins={"x": c1, "y": c2}))
+        for _ in range(10):
+            settle(loop)
+            loop.mark_dirty("org/a")
+        assert rec.ready == {"x", "y"} and len(src.fetches) == 2
+        assert not [e for e in rec.events if e[1] == "VerifyFailed"]

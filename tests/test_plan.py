@@ -294,3 +294,58 @@ def test_waiting_for_space_is_news_once_not_on_every_retry() -> None:
     retrying = {**p1.statuses, "other": replace(p1.statuses["other"], state="filling")}  # the periodic retry
     p2 = space_step(models, disks, rec, snaps, wall=1060.0, prev=retrying, outcomes=(need,))
     assert [e.reason for e in p1.events] == ["WaitingForSpace"] and p2.events == ()
+
+
+def test_waiting_for_space_retries_back_off_up_to_a_minute() -> None:
+    mine, other = spec("mine", 100), spec("other", 100)
+    rec, snaps = {"mine": record(mine)}, (snapshot_of(mine),)
+    disks = {"mine": ok(mine), "other": ModelDisk("other", None, ("not cached",))}
+    models = {"mine": mine, "other": other}
+    need = FillOutcome("other", False, error="disk full", shortfall=200, spec=other)
+    st = ModelStatus("other", state="filling")
+    waits = []
+    for k in range(8):
+        p = space_step(models, disks, rec, snaps, wall=1000.0 + k, prev={"other": st}, outcomes=(need,))
+        st = replace(p.statuses["other"], state="filling")
+        waits.append(p.statuses["other"].next_attempt)
+    assert waits == sorted(waits) and waits[0] == 10.0 and waits[-1] == 60.0  # 10, 20, 40, 60, 60 ...
+
+
+def test_an_old_commit_is_undesired_once_its_model_moved_on() -> None:
+    """A branch moved: the model's record names the new commit; the old snapshot may now go."""
+    m = spec("m")
+    rec = {"m": record(m, C2)}
+    old, new = snapshot_of(m, C1), snapshot_of(m, C2)
+    p = space_step({"m": m}, {"m": ok(m, C2)}, rec, (old, new), wall=1000.0,
+                   prev={"m": ModelStatus("m", state="ready")})
+    assert list(p.drains) == [("org/m", C1)] and p.ready == {"m"}
+
+
+def test_a_pinned_commit_without_a_record_is_held_for_its_model() -> None:
+    """Renamed or not yet filled: a desired model pinned to a commit on disk protects it from deletion."""
+    m, gone = spec("m"), spec("gone", "org/m")
+    rec = {"gone": record(gone, C1)}
+    desired = DesiredState(models={"m": m}, pins={"m": C1})
+    snap = NodeSnapshot({"m": ModelDisk("m", None, ("not cached",))}, (snapshot_of(m, C1),), 0.0, rec)
+    p = plan(desired, snap, {}, frozenset(), (), 0.0, Policy(space=GRACE, wall_now=1000.0))
+    assert p.drains == {}
+
+
+def test_a_priority_drain_ends_when_nobody_needs_the_room_any_more() -> None:
+    low, high = spec("low", 10), spec("high", 500)
+    rec, snaps = {"low": record(low)}, (snapshot_of(low),)
+    need = FillOutcome("high", False, error="disk full", shortfall=200, spec=high)
+    disks = {"low": ok(low), "high": ModelDisk("high", None, ("not cached",))}
+    prev = {"low": ModelStatus("low", state="ready"), "high": ModelStatus("high", state="filling")}
+    p1 = space_step({"low": low, "high": high}, disks, rec, snaps, wall=1000.0, prev=prev, outcomes=(need,))
+    assert p1.statuses["low"].state == "draining"
+    p2 = space_step({"low": low}, {"low": ok(low)}, rec, snaps, wall=1010.0, prev=p1.statuses, drains=p1.drains)
+    assert p2.drains == {} and p2.ready == {"low"}  # "high" was deleted: "low" keeps its files and label
+
+
+def test_a_model_evicted_for_a_higher_priority_waits_instead_of_racing_it() -> None:
+    low = spec("low", 10)
+    prev = {"low": ModelStatus("low", state="draining", bytes=300)}
+    p = space_step({"low": low}, {"low": ModelDisk("low", None, ("not cached",))}, {}, (), wall=2000.0, prev=prev)
+    st = p.statuses["low"]
+    assert p.fills == () and st.state == "waiting-for-space" and st.need_bytes == 300 and st.next_attempt > 0

@@ -246,7 +246,8 @@ class Store(CacheReader):
         for rec in self.records():
             if rec.repo == repo and rec.commit == commit:
                 self.remove_record(rec.name)
-        others = self.manifests(repo)
+        unreadable: list[CorruptStateError] = []
+        others = self.manifests(repo, errors=unreadable)
         still_used = {f.digest for other in others for f in other.files}
         freed = 0
         for f in (m.files if m else []):
@@ -259,7 +260,7 @@ class Store(CacheReader):
                 freed += size
             except FileNotFoundError:
                 pass
-        if not others:
+        if not others and not unreadable:  # a sibling we cannot read may still own blobs: keep the folder
             rmtree_quiet(lay.repo_dir(repo))
         self.space.published_changed(-freed)
         return freed

@@ -170,6 +170,7 @@ class HubWatcher:
         for wd, mask, name in events:
             if mask & IN_Q_OVERFLOW:
                 log.warning("watch.overflow", hint="events were lost; every model is re-checked")
+                self._watch_tree(self.hub)  # folders made or swapped in meanwhile get their watches now
                 self.on_overflow()
                 continue
             if mask & IN_IGNORED:

@@ -26,7 +26,7 @@ from agent.core.desired import DesiredState, ModelStatus
 from agent.core.eviction import Candidate, Drain, Need, SpacePlan, SpacePolicy, plan_space
 from agent.core.retry import RetryPolicy
 from agent.core.snapshot import ModelDisk, NodeSnapshot
-from agent.core.spec import ModelSpec
+from agent.core.spec import ModelSpec, is_commit
 
 # How long a failed fill waits before the next attempt: 1 s, 3 s, 9 s ... capped at 5 min, +-20 %.
 FILL_BACKOFF = RetryPolicy(attempts=1_000_000, base=1.0, factor=3.0, cap=300.0, jitter=0.2)
@@ -58,6 +58,7 @@ class FillAction:
     spec: ModelSpec
     pin: str | None
     repair: bool
+    distrust: tuple[str, ...] = ()  # blobs whose content failed: deleted under the fill's lock, never reused
 
 
 @dataclass(frozen=True)
@@ -196,23 +197,38 @@ def plan(
 
 
 def candidates(desired: DesiredState, snap: NodeSnapshot, usage: Usage) -> list[Candidate]:
-    """Every snapshot on disk with its holders: which records point at it, which desired models want it."""
+    """Every snapshot on disk with its holders: which records point at it, which desired models want it.
+
+    A desired model holds a snapshot when its record points there and it still wants that commit, or
+    when it wants exactly that commit (pinned, or a 40-hex revision) and is waiting to be (re)filled. A
+    repo none of whose snapshots has any record (a cache from before records existed) is held whole by its
+    desired models until their first fill writes records; after that an old commit is just undesired.
+    """
     holders: dict[tuple[str, str], list[str]] = {}
+    recorded_repos: set[str] = set()
     for name, rec in snap.records.items():
         holders.setdefault((rec.repo, rec.commit), []).append(name)
-    desired_repos: dict[str, int] = {}
-    for s in desired.models.values():
-        desired_repos[s.repo] = max(desired_repos.get(s.repo, s.priority), s.priority)
+        recorded_repos.add(rec.repo)
+    wanted: dict[tuple[str, str], list[int]] = {}  # (repo, commit) -> priorities of desired models wanting it
+    legacy: dict[str, int] = {}
+    for n, s in desired.models.items():
+        rec = snap.records.get(n)
+        if rec is not None and rec.same_commit(s, desired.pins.get(n)):
+            wanted.setdefault((rec.repo, rec.commit), []).append(s.priority)
+        commit = s.revision if is_commit(s.revision) else desired.pins.get(n)
+        if commit:
+            wanted.setdefault((s.repo, commit), []).append(s.priority)
+        if s.repo not in recorded_repos:
+            legacy[s.repo] = max(legacy.get(s.repo, s.priority), s.priority)
     out = []
     for sn in snap.snapshots:
-        models = sorted(holders.get((sn.repo, sn.commit), []))
-        prios = [desired.models[n].priority for n in models if n in desired.models
-                 and snap.records[n].same_commit(desired.models[n], desired.pins.get(n))]
-        if not models and sn.repo in desired_repos:
-            prios = [desired_repos[sn.repo]]  # no record yet (a cache from before records): its repo's models hold it
+        models = tuple(sorted(holders.get((sn.repo, sn.commit), [])))
+        prios = wanted.get((sn.repo, sn.commit), [])
+        if not prios and sn.repo in legacy:
+            prios = [legacy[sn.repo]]
         last = max((usage.last_used.get(n, 0.0) for n in models), default=0.0)
         out.append(Candidate(sn.repo, sn.commit, sn.blobs, sn.verified_at, max(prios) if prios else None,
-                             tuple(models), any(n in usage.in_use for n in models), last))
+                             models, any(n in usage.in_use for n in models), last))
     return out
 
 
@@ -226,13 +242,9 @@ def _space_actions(out: _Out, space: SpacePlan, desired: DesiredState) -> tuple[
         for n in c.models:
             if n in desired.models:
                 out.events.append(Event(n, "DrainCancelled", f"{c.repo}@{c.commit[:12]} is in use again: kept"))
-    evictions = []
-    for c, d in space.delete:
-        evictions.append(Evict(c.repo, c.commit, d.reason, c.models, d.kind))
-        for n in c.models:
-            if n in desired.models:
-                out.events.append(Event(n, "Evicted", f"{c.repo}@{c.commit[:12]} deleted {d.reason}", warning=True))
-    return tuple(evictions)
+    # the executor reports "Evicted" once the delete really happened (the repo lock may be busy this pass)
+    return tuple(Evict(c.repo, c.commit, d.reason, tuple(n for n in c.models if n in desired.models), d.kind)
+                 for c, d in space.delete)
 
 
 def _set(st: ModelStatus, **changes: object) -> ModelStatus:
@@ -277,9 +289,10 @@ def _model(
                 st = replace(st, last_error=("nothing may be evicted: " if unmet else "") + outcome.error)
             for kind, reason in outcome.failures:
                 out.counts.append(Count("fill_failed", (kind, reason)))
+            attempts = st.attempts + 1  # each retry waits longer (up to a minute): an eviction retries at once
             st = replace(st, state="waiting-for-space", need_bytes=outcome.shortfall, filled=False, progress=0.0,
-                         waiting_since=st.waiting_since or now,
-                         next_attempt=now + min(policy.backoff.delay(st.attempts + 1, rng), 60.0))
+                         waiting_since=st.waiting_since or now, attempts=attempts,
+                         next_attempt=now + min(policy.backoff.delay(attempts, rng), 60.0))
         else:
             for kind, reason in outcome.failures:
                 out.counts.append(Count("fill_failed", (kind, reason)))
@@ -301,13 +314,19 @@ def _model(
                     waiting_since=0.0)
     if st.state == "waiting-for-space":
         if freeing or st.next_attempt <= now:  # an eviction runs this pass (before fills), or a periodic retry
-            out.fills.append(FillAction(name, spec, pin, repair=st.repairing))
+            out.fills.append(FillAction(name, spec, pin, repair=st.repairing, distrust=disk.damaged_blobs))
             return replace(st, state="filling", progress=0.0, next_attempt=0.0)
         return st
 
     why = mismatch or "; ".join(disk.problems[:5]) or "not cached"
-    if st.state == "draining":  # evicted (its record went with the snapshot): fill again when there is room
-        st = replace(st, state="pending", next_attempt=0.0, attempts=0, last_error="")
+    if disk.damaged_blobs and disk.record is not None and st.state != "ready":  # (ready: planned just below)
+        out.quarantines.append(Quarantine(name, spec.repo, disk.record.commit, disk.damaged_blobs))
+    if st.state == "draining":  # evicted (its record went with the snapshot): it waits for room, it does not
+        # race the model it made room for (its first retry comes after the normal backoff, or an eviction)
+        st = replace(st, state="waiting-for-space", need_bytes=max(st.bytes, 1), waiting_since=now, attempts=1,
+                     last_error="evicted to make room; waiting for space", next_attempt=now + min(
+                         policy.backoff.delay(1, rng), 60.0))
+        return st
     elif st.state == "ready":  # labelled a pass ago: unlabel now, repair at once (no backoff)
         damaged = mismatch is None and disk.record is not None
         out.counts.append(Count("verify_failed", ("damaged" if damaged else "spec_changed",)))
@@ -327,6 +346,7 @@ def _model(
         st = replace(st, state="failed", last_error=error, attempts=attempts, filled=False,
                      next_attempt=now + policy.backoff.delay(attempts, rng))
     if st.next_attempt <= now:
-        out.fills.append(FillAction(name, spec, pin, repair=st.repairing or st.state == "damaged"))
+        out.fills.append(FillAction(name, spec, pin, repair=st.repairing or st.state == "damaged",
+                                    distrust=disk.damaged_blobs))
         return replace(st, state="filling", progress=0.0)
     return st

@@ -141,8 +141,10 @@ def plan_space(
         c = by_key.get(key)
         if c is None:
             continue
-        if c.in_use or (d.kind in ("undesired", "watermark") and c.priority is not None):
-            out.cancelled.append(c)  # a pod uses it, or a desired model wants it again
+        unwanted_again = d.kind in ("undesired", "watermark") and c.priority is not None
+        no_need = d.kind == "priority" and not any(n.priority > (c.priority or 0) for n in needs)
+        if c.in_use or unwanted_again or no_need:
+            out.cancelled.append(c)  # a pod uses it, a desired model wants it again, or nobody needs the room now
             continue
         out.drains[key] = d
 

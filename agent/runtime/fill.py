@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, replace
 
 import structlog
@@ -93,6 +93,7 @@ def fill_model(
     stop: threading.Event | None = None,
     record_as: str | None = None,
     pvc_subpath: str | None = None,
+    distrust: Collection[str] = (),
     on_lock_wait: Callable[[str], None] | None = None,
 ) -> FillResult:
     """Fill ``repo`` at ``revision`` from the first source that can deliver it.
@@ -115,7 +116,7 @@ def fill_model(
             plan = trusted_from_manifest(store, plan)
             plan = enrich_digests(plan, [s for j, s in enumerate(sources) if j != i], files)
             return _fill_from(store, src, plan, progress, lock_timeout, blog, stop,
-                              _record(record_as, revision, files, plan, pvc_subpath), on_lock_wait)
+                              _record(record_as, revision, files, plan, pvc_subpath), on_lock_wait, distrust)
         except DiskFullError:
             raise
         except (SourceError, IntegrityError, UnsafePathError) as e:
@@ -135,21 +136,23 @@ def _record(name: str | None, revision: str, files: FileFilter, plan: ModelPlan,
 def _fill_from(
     store: Store, src: Source, plan: ModelPlan, progress: Progress, lock_timeout: float | None,
     blog: structlog.stdlib.BoundLogger, stop: threading.Event | None = None, record: ModelRecord | None = None,
-    on_lock_wait: Callable[[str], None] | None = None,
+    on_lock_wait: Callable[[str], None] | None = None, distrust: Collection[str] = (),
 ) -> FillResult:
     t0 = time.monotonic()
     with store.lock(plan.repo, timeout=lock_timeout, on_wait=on_lock_wait):
         store.sweep_staging(plan.repo)
+        if distrust:  # blobs whose content failed a check: gone before anything could reuse them by stat
+            store.quarantine(plan.repo, plan.commit, distrust)
         fill = store.begin(plan, stop=stop)
         needed = fill.needed()
         total = sum(e.size for e in needed)
         blog.info("fill.start", commit=plan.commit, files=len(plan.files), needed_files=len(needed),
                   needed_bytes=total, verification=plan.level)
         try:
-            with fill.reserve(needed):
+            with fill.reserve(needed):  # held while bytes arrive; publish only moves them (no new space)
                 progress.start(total, len(needed))
                 _fetch_with_one_retry(src, plan, needed, fill, progress, blog)
-                manifest = fill.publish()
+            manifest = fill.publish()
             if record is not None:
                 store.write_record(record)
         except DiskFullError:

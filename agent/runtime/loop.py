@@ -294,28 +294,34 @@ class Loop:
         for name in p.cancels:
             if self.queue.cancel(name):
                 log.info("loop.fill_cancelled", model=name, reason="no longer desired")
-        for q in p.quarantines:
+        for q in p.quarantines:  # never wait for a repo lock here: a fill holds it for the whole download
             try:
-                with self.store.lock(q.repo, timeout=self.lock_timeout):
+                with self.store.lock(q.repo, timeout=0):
                     removed = self.store.quarantine(q.repo, q.commit, q.blobs)
-            except (LockedError, OSError) as e:
+            except LockedError:
+                continue  # its fill deletes them under its own lock (FillAction.distrust), or the next pass does
+            except OSError as e:
                 log.warning("loop.quarantine_failed", model=q.name, error=str(e))
                 continue
             if removed:
                 log.warning("loop.quarantined", model=q.name, repo=q.repo, blobs=removed)
             self.scanner.forget_repo(q.repo)
         for ev in p.evictions:
-            for hook in self.evict_hooks:
-                _run_hook(hook, ev.repo, ev.commit)
             try:
-                with self.store.lock(ev.repo, timeout=self.lock_timeout):
+                with self.store.lock(ev.repo, timeout=0):
+                    for hook in self.evict_hooks:
+                        _run_hook(hook, ev.repo, ev.commit)
                     freed = self.store.remove_snapshot(ev.repo, ev.commit)
-            except (LockedError, OSError) as e:
+            except LockedError:
+                continue  # a fill of the repo is running: the drain stands, the next pass deletes
+            except OSError as e:
                 log.warning("loop.evict_failed", repo=ev.repo, commit=ev.commit, error=str(e))
                 continue
             log.warning("loop.evicted", repo=ev.repo, commit=ev.commit, freed=freed, reason=ev.reason,
                         models=list(ev.models))
             self.observer.evicted(ev.kind, freed)
+            for name in ev.models:
+                self.reporter.event(name, "Evicted", f"{ev.repo}@{ev.commit[:12]} deleted {ev.reason}", warning=True)
             self.scanner.forget_repo(ev.repo)
             self._dirty |= set(ev.models)
         for c in p.counts:
@@ -326,6 +332,14 @@ class Loop:
             return
         for f in p.fills:
             self.queue.add(f.name, f, priority=f.spec.priority)
+
+    def _drop_staging(self, repo: str) -> None:
+        """Partial files of a fill nobody wants any more would count against the budget until the next fill."""
+        try:
+            with self.store.lock(repo, timeout=0):
+                self.store.sweep_staging(repo, max_partial_age=0.0)
+        except (LockedError, OSError):
+            pass  # another fill of the repo runs (it sweeps on its own) or the disk is gone: nothing to do now
 
     def _touch_usage(self, *, save: bool) -> None:
         """Remember when each model was last in use (least recently used goes first under pressure)."""
@@ -366,7 +380,8 @@ class Loop:
             if pin is None and not is_commit(spec.revision):
                 pin = self._resolve_pin(name, spec, sources)
             res = fill_model(self.store, sources, spec.repo, spec.revision, spec.files, pin=pin, progress=progress,
-                             stop=cancel, record_as=name, pvc_subpath=spec.pvc_subpath, lock_timeout=None)
+                             stop=cancel, record_as=name, pvc_subpath=spec.pvc_subpath, lock_timeout=None,
+                             distrust=action.distrust)
             m = res.manifest
             for hook in self.published_hooks:
                 _run_hook(hook, m)
@@ -375,6 +390,8 @@ class Loop:
                                spec=spec, repair=action.repair)
         except Cancelled as e:
             blog.info("loop.fill_stopped", error=str(e))
+            if not self._stop.is_set():  # dropped from the desired set (not a shutdown): its partial files go too
+                self._drop_staging(spec.repo)
             return FillOutcome(name, False, cancelled=True, error=str(e), spec=spec)
         except (FillFailed, DiskFullError, AgentError) as e:
             if cancel.is_set():

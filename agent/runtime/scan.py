@@ -64,12 +64,20 @@ class Scanner:
         else:
             for repo in dirty_repos:
                 self._refresh_repo_snapshots(repo)
+        # Two desired models on one branch may hold different commits (pinned at different times): the
+        # branch's ref can name only one of them, which is not damage to the other (else they refill each
+        # other forever). What "main" then means to a worker is the most recent fill's commit.
+        ref_owners: dict[tuple[str, str], set[str]] = {}
+        for name in desired.models:
+            r = self._all_records.get(name)
+            if r is not None:
+                ref_owners.setdefault((r.repo, r.revision), set()).add(r.commit)
         models: dict[str, ModelDisk] = {}
         for name, spec in desired.models.items():
             prev = self._models.get(name)
             if full or prev is None or name in dirty or spec.repo in dirty_repos or \
                     (prev.record is not None and prev.record.repo in dirty_repos):
-                prev = self._check(name, dirty_repos)
+                prev = self._check(name, dirty_repos, ref_owners)
             models[name] = prev
         self._models = models
         for name, disk in models.items():  # what this pass read: keep the index of every record current
@@ -132,7 +140,8 @@ class Scanner:
             self._manifests[(repo, commit)] = (key, m)
         return m
 
-    def _check(self, name: str, dirty_repos: Mapping[str, Collection[str]]) -> ModelDisk:
+    def _check(self, name: str, dirty_repos: Mapping[str, Collection[str]],
+               ref_owners: Mapping[tuple[str, str], set[str]] | None = None) -> ModelDisk:
         self.checks += 1
         try:
             rec = self._record(name)
@@ -150,7 +159,7 @@ class Scanner:
         problems = [p for p in rep.problems() if not p.startswith("ref ")]  # refs: checked per model below
         if not is_commit(rec.revision):
             got = self.store.read_ref(rec.repo, rec.revision)
-            if got != rec.commit:
+            if got != rec.commit and got not in (ref_owners or {}).get((rec.repo, rec.revision), ()):
                 problems.append(f"ref {rec.revision}: points to {got or 'nothing'}, expected {rec.commit}")
         by = m.by_path()
         files = [by[p] for p in rec.paths if p in by]

@@ -21,6 +21,7 @@ Rules that keep peers untrusted and the disk safe:
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import errno
 import os
@@ -206,6 +207,25 @@ class _Verifier:
         self._pool.shutdown(wait=True, cancel_futures=True)
 
 
+# Services started and not yet stopped. At interpreter exit a daemon thread still inside libtorrent
+# (the alert reader blocks in wait_for_alert without the GIL) is unwound through C++ frames when it
+# takes the GIL back, and the process aborts (exit 134): stop every live session before that point.
+_LIVE: set[PeerService] = set()
+_LIVE_MU = threading.Lock()
+
+
+def live_services() -> list[PeerService]:
+    with _LIVE_MU:
+        return list(_LIVE)
+
+
+@atexit.register
+def _stop_live_services() -> None:
+    for svc in live_services():
+        with contextlib.suppress(Exception):
+            svc.stop()
+
+
 @dataclass
 class _Seed:
     key: str
@@ -264,6 +284,8 @@ class PeerService:
             self._index = IndexServer(ps.listen_host, ps.bound_index_port, self._serve_info).start()
             self._alerts = threading.Thread(target=self._alert_loop, name="p2p-alerts", daemon=True)
             self._alerts.start()
+            with _LIVE_MU:
+                _LIVE.add(self)
             log.info("peers.started", bt_port=self.bt_port, index_port=self.index_port, disk_io=ps.disk_io,
                      peers=[str(p) for p in ps.peers], upload_rate=ps.upload_rate, download_rate=ps.download_rate)
             return self
@@ -283,6 +305,8 @@ class PeerService:
     def stop(self) -> None:
         """Release origin slots, stop seeding and serving; the session shuts down with its torrents."""
         self._closing.set()
+        with _LIVE_MU:
+            _LIVE.discard(self)
         self.gate.release_all()
         self._seeder.shutdown(wait=True, cancel_futures=True)
         self._lookup.shutdown(wait=False, cancel_futures=True)
