@@ -88,3 +88,12 @@ def _no_leaked_peer_sessions() -> Iterator[None]:
 def _live_peer_services() -> set[object]:
     mod = sys.modules.get("agent.sources.peers.service")
     return set(mod.live_services()) if mod is not None else set()
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Name the threads still running at the end: a daemon thread inside native code (libtorrent, grpc,
+    hf_transfer) when the interpreter finalizes can abort the whole run after every test passed."""
+    left = [t for t in threading.enumerate() if t is not threading.main_thread() and t.is_alive()]
+    if left:
+        names = ", ".join(sorted(f"{t.name}{'' if t.daemon else ' (non-daemon)'}" for t in left))
+        sys.stderr.write(f"\nthreads still running after the tests: {names}\n")
