@@ -476,6 +476,29 @@ def test_dir_slots_cap_release_and_death(tmp_path: Path) -> None:
     assert not one.busy("m@1") and one.try_acquire("m@1") is not None  # a dead holder's slot is free at once
 
 
+# -- process exit -------------------------------------------------------------------------------------------
+
+EXIT_PROBE = """
+import atexit, threading
+def probe():  # registered first, so it runs after the service module's own exit hook
+    from agent.sources.peers.service import live_services
+    alerts = [t for t in threading.enumerate() if t.name == "p2p-alerts" and t.is_alive()]
+    print(f"live={len(live_services())} alert_threads={len(alerts)}", flush=True)
+atexit.register(probe)
+from agent.sources.peers.service import PeerService
+from agent.sources.peers.settings import PeerSettings
+PeerService(PeerSettings(listen_host="127.0.0.1", port=0)).start()
+"""
+
+
+def test_a_session_left_running_is_stopped_before_the_interpreter_finalizes() -> None:
+    """A daemon thread still inside libtorrent during finalization can abort the process (exit 134)."""
+    out = subprocess.run([sys.executable, "-c", EXIT_PROBE], capture_output=True, text=True, timeout=60,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "live=0 alert_threads=0" in out.stdout, out.stdout + out.stderr[-2000:]
+
+
 # -- the command line -----------------------------------------------------------------------------------
 
 
