@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from agent.core.retry import RetryPolicy, retry_call
+from agent.core.retry import RetryPolicy, fight_pause, retry_call
 from agent.errors import NotFoundError, TransientSourceError
 
 
@@ -93,3 +93,14 @@ def test_jitter_spreads_delays_within_bounds() -> None:
 def test_policy_rejects_non_finite_and_negative(field: str, bad: float) -> None:
     with pytest.raises(ValueError, match=field):
         RetryPolicy(**{field: bad})
+
+
+def test_a_fight_over_a_write_backs_off_1_2_4_seconds_up_to_the_window() -> None:
+    assert fight_pause([], 100.0, 60.0) == 0.0
+    assert fight_pause([99.0, 99.5], 100.0, 60.0) == 0.0  # two repairs: a person, not a fight
+    assert fight_pause([98.0, 99.0, 99.5], 100.0, 60.0) == pytest.approx(0.5)  # third: 1 s after the last
+    assert fight_pause([97.0, 98.0, 99.0, 99.5], 100.0, 60.0) == pytest.approx(1.5)  # then 2 s
+    assert fight_pause([97.0, 98.0, 99.0, 99.5], 102.0, 60.0) == 0.0  # that much has passed already
+    many = [float(t) for t in range(50, 60)]  # ten in a row: 2**7 s, capped at the 60 s window
+    assert fight_pause(many, 60.0, 60.0) == pytest.approx(59.0)  # last at 59, + 60, now 60
+    assert fight_pause([0.0, 1.0, 2.0], 70.0, 60.0) == 0.0  # old repairs fall out of the window

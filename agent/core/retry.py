@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import random
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -48,6 +48,19 @@ class RetryPolicy:
         """Wait after failed try number ``attempt`` (1-based), jittered so a fleet does not retry in step."""
         nominal = min(self.cap, self.base * self.factor ** max(0, attempt - 1))
         return max(0.0, nominal * (1.0 + (rng or random).uniform(-self.jitter, self.jitter)))
+
+
+def fight_pause(repairs: Sequence[float], now: float, window: float) -> float:
+    """Seconds to hold back the next repair when someone keeps undoing ours (repair times, oldest first).
+
+    The first two repairs within ``window`` go out at once (a person fixing a typo); from the third on,
+    each waits 1, 2, 4 ... s after the last, up to ``window``, so a fight with another controller costs a
+    handful of writes, not one per event.
+    """
+    recent = [t for t in repairs if now - t < window]
+    if len(recent) < 3:
+        return 0.0
+    return max(0.0, recent[-1] + min(window, 2.0 ** (len(recent) - 3)) - now)
 
 
 def is_transient(err: BaseException) -> bool:

@@ -31,7 +31,7 @@ from typing import Any
 
 import structlog
 
-from agent.core.retry import RetryPolicy
+from agent.core.retry import RetryPolicy, fight_pause
 from agent.core.selector import READY, label_patch, status_key
 from agent.errors import KubeApiError
 from agent.k8s.client import MERGE_PATCH, KubeApi, request
@@ -274,10 +274,7 @@ class NodeReporter:
 
     def _repair_pause(self, now: float) -> float:
         """Back off repeated drift repairs: 1 s, 2 s, 4 s ... up to 60 s while the fight goes on."""
-        recent = [t for t in self._repairs if now - t < DRIFT_WINDOW]
-        if len(recent) < 3:
-            return 0.0
-        return max(0.0, recent[-1] + min(DRIFT_WINDOW, 2.0 ** (len(recent) - 3)) - now)
+        return fight_pause(self._repairs, now, DRIFT_WINDOW)
 
     def run(self, stop: threading.Event) -> None:
         """The writer thread: flush when due; back off after failures and repeated repairs."""
