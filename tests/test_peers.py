@@ -72,7 +72,7 @@ class Node:
         return self.service.addr(self.host)
 
     def sources(self, origin: Source) -> list[Source]:
-        return [PeerSource(self.service, [origin]), SlottedSource(origin, self.service.gate)]
+        return [PeerSource(self.service, [origin]), SlottedSource(origin, self.service.gate, self.service)]
 
     def fill(self, origin: Source, revision: str = "main", **kw: object) -> FillResult:
         return fill_model(self.store, self.sources(origin), REPO, revision, **kw)  # type: ignore[arg-type]
@@ -147,8 +147,8 @@ def test_leecher_fills_from_a_seeder_without_origin_bytes(hub: HubServer, hub_mo
 
     leech = make_node("leech", host="127.0.0.2", peers=(seed,))
     src = hub_source()
-    res = fill_model(leech.store, [PeerSource(leech.service, [src]), SlottedSource(src, leech.service.gate)],
-                     "org/tiny", "main")
+    sources = [PeerSource(leech.service, [src]), SlottedSource(src, leech.service.gate, leech.service)]
+    res = fill_model(leech.store, sources, "org/tiny", "main")
     assert res.source.startswith("peers") and res.fetched_bytes == first.manifest.total_bytes
     assert origin_bytes() == seed_bytes  # not one file byte from the origin for the leecher
     m = res.manifest
@@ -160,60 +160,58 @@ def test_leecher_fills_from_a_seeder_without_origin_bytes(hub: HubServer, hub_mo
 
 def test_every_node_derives_the_same_info_hash(origin: Origin, make_node: Callable[..., Node]) -> None:
     a, b = make_node("a"), make_node("b")
-    ha = a.seed(fill_model(a.store, [origin.source()], REPO, "main").manifest)
-    hb = b.seed(fill_model(b.store, [origin.source()], REPO, "main").manifest)
-    assert ha == hb and ha is not None
-    # the same computed in a fresh interpreter (other hash seed, other dict order) from the blobs alone
+    a.seed(fill_model(a.store, [origin.source()], REPO, "main").manifest)
+    b.seed(fill_model(b.store, [origin.source()], REPO, "main").manifest)
     m = a.store.manifest(REPO, origin.commit)
     assert m is not None
-    files = [[f.path, f.size, f.algo, f.digest, str(a.store.layout.blob_path(REPO, f.digest))] for f in m.files]
+    assert a.service.seeding() == b.service.seeding() and len(a.service.seeding()) == len(m.files)  # one per file
+    # the same computed in a fresh interpreter (other hash seed, other dict order) from the blob alone
+    big = max(m.files, key=lambda f: f.size)
+    row = [big.path, big.size, big.algo, big.digest, str(a.store.layout.blob_path(REPO, big.digest))]
     code = (
         "import json,sys\n"
         "from agent.core import torrent as T\nfrom agent.core.plan import FileEntry\n"
-        "repo, commit, files = json.load(sys.stdin)\n"
-        "es = [FileEntry(p, s, a, d) for p, s, a, d, _ in files]\nblob = {p: b for p, *_, b in files}\n"
-        "lay = T.layout(repo, commit, es)\n"
-        "data = (open(blob[f.path], 'rb').read() for f in lay.files)\n"
-        "print(T.info_hash(T.build_info(lay, T.piece_hashes(data, lay.piece_length))))\n"
+        "repo, commit, (p, s, a, d, blob) = json.load(sys.stdin)\n"
+        "(ft,) = T.file_torrents(repo, commit, [FileEntry(p, s, a, d)])\n"
+        "data = iter([open(blob, 'rb').read()])\n"
+        "print(ft.key, T.info_hash(T.build_info(ft.layout, T.piece_hashes(data, ft.layout.piece_length))))\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], input=json.dumps([REPO, origin.commit, files]),
+    out = subprocess.run([sys.executable, "-c", code], input=json.dumps([REPO, origin.commit, row]),
                          capture_output=True, text=True, check=True, env={**os.environ, "PYTHONHASHSEED": "12345"})
-    assert out.stdout.strip() == ha
+    key, ih = out.stdout.split()
+    assert (REPO, origin.commit, ih) in a.service.seeding()
     # libtorrent reads our info dict the same way
-    info = a.service._infos[T.plan_key(REPO, origin.commit, [FileEntry(f.path, f.size, f.algo, f.digest)
-                                                                for f in m.files])]
-    ti = lt.torrent_info(b"d4:info" + info + b"e")
-    assert str(ti.info_hashes().v1) == ha and ti.total_size() == sum(f.size for f in m.files)
+    ti = lt.torrent_info(b"d4:info" + a.service._infos[key] + b"e")
+    assert str(ti.info_hashes().v1) == ih and ti.total_size() == big.size
 
 
 # -- faults ---------------------------------------------------------------------------------------------
 
 
 def corrupt_peer(tmp_path: Path, seed: Node, commit: str, host: str = "127.0.0.3") -> tuple[object, IndexServer]:
-    """A peer that claims every piece of the real torrent but holds flipped bytes, and serves the real info
-    dict from its own index: what a node with a rotten disk (or a hostile one) looks like to others."""
-    key, info = next(iter(seed.service._infos.items()))
-    lay = T.layout(REPO, commit, [FileEntry(f.path, f.size, f.algo, f.digest)
-                                  for f in seed.store.manifest(REPO, commit).files])  # type: ignore[union-attr]
+    """A peer that claims every piece of the real torrents but holds flipped bytes, and serves the real info
+    dicts from its own index: what a node with a rotten disk (or a hostile one) looks like to others."""
+    m = seed.store.manifest(REPO, commit)
+    assert m is not None
+    fts = T.file_torrents(REPO, commit, [FileEntry(f.path, f.size, f.algo, f.digest) for f in m.files])
+    infos = {ft.key: seed.service._infos[ft.key] for ft in fts}
     d = tmp_path / "rotten"
     d.mkdir()
-    renamed = {}
-    for i, f in enumerate(lay.files):
-        mf = seed.store.manifest(REPO, commit).by_path()[f.path]  # type: ignore[union-attr]
-        data = bytearray(seed.store.layout.blob_path(REPO, mf.digest).read_bytes())
+    ses = lt.session(lt.session_params(session_settings(PeerSettings(), f"{host}:0")))
+    for i, ft in enumerate(fts):
+        data = bytearray(seed.store.layout.blob_path(REPO, m.by_path()[ft.entry.path].digest).read_bytes())
         for j in range(0, len(data), 4096):
             data[j] ^= 0xFF
         (d / str(i)).write_bytes(bytes(data))
-        renamed[i] = str(d / str(i))
-    ses = lt.session(lt.session_params(session_settings(PeerSettings(), f"{host}:0")))
-    atp = lt.add_torrent_params()
-    atp.ti = lt.torrent_info(b"d4:info" + info + b"e")
-    atp.save_path = str(d)
-    atp.renamed_files = renamed
-    atp.have_pieces = [True] * lay.num_pieces  # trusted resume data: served without a check
-    atp.flags = 0
-    ses.add_torrent(atp)
-    index = IndexServer(host, 0, lambda k: info if k == key else None).start()
+        atp = lt.add_torrent_params()
+        atp.ti = lt.torrent_info(b"d4:info" + infos[ft.key] + b"e")
+        atp.save_path = str(d)
+        atp.renamed_files = {0: str(d / str(i))}
+        atp.have_pieces = [True] * ft.layout.num_pieces  # trusted resume data: served without a check
+        atp.flags = 0
+        ses.add_torrent(atp)
+    ckey = T.commit_key(REPO, commit)
+    index = IndexServer(host, 0, infos.get, lambda k: sorted(infos) if k == ckey else []).start()
     return ses, index
 
 
@@ -229,13 +227,14 @@ def test_corrupt_peer_is_banned_and_nothing_bad_is_published(tmp_path: Path, ori
     finally:
         index.stop()
         del ses
-    assert res.source.startswith("peers")
+    assert res.source.startswith("peers"), "\n".join(str(e) for e in events if e["log_level"] != "debug")
     assert snapshot(leech.store, origin.commit) == snapshot(seed.store, origin.commit)
     assert leech.store.check(res.manifest, full=True).ok
     banned = [e["peer"] for e in events if e["event"] == "peers.peer_banned"]
     assert banned and all(p.startswith("127.0.0.3:") for p in banned), banned
     done = next(e for e in events if e["event"] == "peers.download_done")
     assert done["hash_failures"] >= 1 and done["banned"] == ["127.0.0.3"]
+    assert staging_leftovers(leech.store) == []
 
 
 def test_only_corrupt_peers_fall_back_to_origin(tmp_path: Path, origin: Origin,
@@ -336,7 +335,9 @@ def test_no_peer_falls_back_and_holds_the_slot_until_seeding(origin: Origin, mak
     with structlog.testing.capture_logs() as events:
         res = leech.fill(origin.source())
     assert res.source == origin.source().label and res.manifest.level == "verified"
-    assert [e["event"] for e in events if e["event"].startswith("peers.")] == ["peers.origin_slot"]
+    said = [e["event"] for e in events if e["event"].startswith("peers.")]
+    assert said[:2] == ["peers.origin_slot", "peers.origin_stripe"], said
+    assert not {"peers.found", "peers.download_start"} & set(said)
     key = f"{REPO}@{origin.commit}"
     assert leech.service.gate.held() == [key]  # others keep waiting for this node's torrent...
     leech.seed(res.manifest)
@@ -353,10 +354,15 @@ def test_other_commit_is_never_mixed(origin: Origin, make_node: Callable[..., No
 
 
 def test_lying_index_for_another_file_set_is_rejected(origin: Origin, make_node: Callable[..., Node]) -> None:
-    """An index that answers every key with main's info dict: a fill of dev, or of a subset, never takes it."""
+    """An index that lists every file and answers every key with a main file's info dict: a fill of dev,
+    or of a subset of main, never takes it."""
     seed = seeder(make_node, origin)
     info = next(iter(seed.service._infos.values()))
-    liar = IndexServer("127.0.0.1", 0, lambda _key: info).start()
+    claimed = []
+    for revision, files in (("dev", FileFilter()), ("main", FileFilter(allow=("*.json",)))):
+        plan = origin.source().resolve(REPO, revision, files)
+        claimed += [ft.key for ft in T.file_torrents(REPO, plan.commit, plan.files)]
+    liar = IndexServer("127.0.0.1", 0, lambda _key: info, lambda _ckey: claimed).start()
     try:
         leech = make_node("leech", host="127.0.0.2", peers=(PeerAddr("127.0.0.1", seed.service.bt_port, liar.port),))
         with structlog.testing.capture_logs() as events:
@@ -367,8 +373,8 @@ def test_lying_index_for_another_file_set_is_rejected(origin: Origin, make_node:
         liar.stop()
     assert dev.source == subset.source == origin.source().label
     rejected = [e["error"] for e in events if e["event"] == "peers.metadata_rejected"]
-    assert {e.split(":")[0] for e in rejected} == {"name", "files"}  # dev: other name; subset: other file list
-    assert not any(e["event"] == "peers.found" for e in events)
+    assert {e.split(":")[0] for e in rejected} == {"name", "files[0]"}  # dev: other name; subset: other file
+    assert not any(e["event"] == "peers.download_done" for e in events)
 
 
 @pytest.fixture
@@ -424,7 +430,7 @@ def test_waiting_node_fills_from_the_slot_holder(tmp_path: Path, origin: Origin,
     with structlog.testing.capture_logs() as events:
         t = threading.Thread(target=run_b)
         t.start()
-        assert wait_for(lambda: any(e["event"] == "peers.waiting_for_holder" for e in events), 10)
+        assert wait_for(lambda: any(e["event"] == "peers.following_holders" for e in events), 10)
         res_a = a.fill(origin.source())
         assert res_a.source == origin.source().label
         a.seed(res_a.manifest)
@@ -445,9 +451,110 @@ def test_node_without_a_slot_never_reads_the_origin(tmp_path: Path, origin: Orig
         b.fill(origin.source())
     assert not exc.value.permanent  # the loop retries later
     (_, peers_err), (_, origin_err) = exc.value.attempts
-    assert isinstance(peers_err, TransientSourceError) and "still no torrent" in str(peers_err)
+    assert isinstance(peers_err, TransientSourceError) and "no peer lists" in str(peers_err)
     assert isinstance(origin_err, TransientSourceError) and "held by other nodes" in str(origin_err)
     assert not b.store.layout.repo_dir(REPO).exists()
+
+
+class OriginTap:
+    """A real origin source that records which files it was asked for and can freeze after one of them
+    (``hold_after``) until ``go`` is set: a slow origin caught mid-fill."""
+
+    def __init__(self, inner: PvcSource, hold_after: str | None = None) -> None:
+        self.inner, self.kind, self.hold_after = inner, inner.kind, hold_after
+        self.fetched: list[str] = []
+        self.reached, self.go = threading.Event(), threading.Event()
+
+    @property
+    def label(self) -> str:
+        return self.inner.label
+
+    def resolve(self, repo: str, revision: str, files: FileFilter) -> object:
+        return self.inner.resolve(repo, revision, files)
+
+    def fetch(self, plan: object, entries: list[FileEntry], fill: object, progress: object) -> None:
+        for e in entries:
+            self.inner.fetch(plan, [e], fill, progress)  # type: ignore[arg-type]
+            self.fetched.append(e.path)
+            if e.path == self.hold_after:
+                self.reached.set()
+                assert self.go.wait(30)
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+def in_thread(fn: Callable[[], FillResult]) -> tuple[threading.Thread, list[FillResult | BaseException]]:
+    out: list[FillResult | BaseException] = []
+
+    def run() -> None:
+        try:
+            out.append(fn())
+        except BaseException as e:
+            out.append(e)
+
+    t = threading.Thread(target=run)
+    t.start()
+    return t, out
+
+
+def test_a_follower_takes_each_file_while_the_holder_is_still_filling(tmp_path: Path, origin: Origin,
+                                                                      make_node: Callable[..., Node]) -> None:
+    """Pipelining: the holder shares a file the moment it is verified in its staging, so a follower has it
+    (verified in its own staging) while the holder's origin fill is frozen and nothing is published yet."""
+    slots = tmp_path / "slots"
+    a = make_node("a", slots_dir=slots)
+    b = make_node("b", host="127.0.0.2", peers=(a,), slots_dir=slots)
+    plan = origin.source().resolve(REPO, "main", FileFilter())
+    shard = min((e for e in plan.files if e.path.endswith(".safetensors")), key=lambda e: e.path)
+    slow, b_origin = OriginTap(origin.source(), hold_after=shard.path), OriginTap(origin.source())
+    ta, out_a = in_thread(lambda: a.fill(slow))  # type: ignore[arg-type]
+    assert slow.reached.wait(20)  # a holds the origin slot, has verified the first shard, and is frozen
+    tb, out_b = in_thread(lambda: b.fill(b_origin))  # type: ignore[arg-type]
+    staged = b.store.layout.staging_dir(REPO) / plan.commit / "blobs" / (shard.digest or "")
+    assert wait_for(staged.exists, 20), "the follower never got the shard the holder had verified"
+    assert ta.is_alive() and not a.store.layout.snapshot_dir(REPO, plan.commit).exists()  # a is still filling
+    assert hashlib.sha256(staged.read_bytes()).hexdigest() == shard.digest
+    slow.go.set()
+    ta.join(30)
+    tb.join(30)
+    res_a, res_b = out_a[0], out_b[0]
+    assert isinstance(res_a, FillResult) and isinstance(res_b, FillResult), (res_a, res_b)
+    assert res_a.source == origin.source().label and res_b.source.startswith("peers")
+    assert b_origin.fetched == [] and sorted(slow.fetched) == sorted(e.path for e in plan.files)  # origin read once
+    assert snapshot(b.store, plan.commit) == snapshot(a.store, plan.commit)
+    assert staging_leftovers(b.store) == []
+    a.seed(res_a.manifest)  # staged seeds move to the published blobs: still one torrent per file
+    assert len(a.service.seeding()) == len([e for e in plan.files if e.size])
+
+
+def test_two_holders_read_disjoint_stripes_and_swap(tmp_path: Path, origin: Origin,
+                                                    make_node: Callable[..., Node]) -> None:
+    """originConcurrency 2: each holder reads its half of the bytes from the origin, the other half from the
+    other holder; the origin is read once in all."""
+    slots = tmp_path / "slots"
+    a = make_node("a", slots_dir=slots, origin_concurrency=2)
+    b = make_node("b", host="127.0.0.2", peers=(a,), slots_dir=slots, origin_concurrency=2)
+    a.service.set_peers([b.addr])
+    key = f"{REPO}@{origin.commit}"
+    assert a.service.gate.decide(key) == "held" and b.service.gate.decide(key) == "held"
+    assert (a.service.gate.stripe(key), b.service.gate.stripe(key)) == ((0, 2), (1, 2))
+    tap_a, tap_b = OriginTap(origin.source()), OriginTap(origin.source())
+    with structlog.testing.capture_logs() as events:
+        ta, out_a = in_thread(lambda: a.fill(tap_a))  # type: ignore[arg-type]
+        tb, out_b = in_thread(lambda: b.fill(tap_b))  # type: ignore[arg-type]
+        ta.join(60)
+        tb.join(60)
+    assert isinstance(out_a[0], FillResult) and isinstance(out_b[0], FillResult), (out_a, out_b)
+    plan = origin.source().resolve(REPO, "main", FileFilter())
+    assert not set(tap_a.fetched) & set(tap_b.fetched)  # no file read from the origin twice
+    assert sorted(tap_a.fetched + tap_b.fetched) == sorted(e.path for e in plan.files)
+    shards = sorted(e.path for e in plan.files if e.path.endswith(".safetensors"))
+    assert shards[0] in tap_a.fetched and shards[1] in tap_b.fetched  # by bytes: one shard each
+    assert snapshot(a.store, origin.commit) == snapshot(b.store, origin.commit)
+    assert a.store.check(out_a[0].manifest, full=True).ok and b.store.check(out_b[0].manifest, full=True).ok
+    stripes = sorted((e["slot"], e["files"]) for e in events if e["event"] == "peers.origin_stripe")
+    assert [s for s, _ in stripes] == [0, 1] and all(n > 0 for _, n in stripes)
 
 
 def test_dir_slots_cap_release_and_death(tmp_path: Path) -> None:

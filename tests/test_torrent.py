@@ -34,7 +34,49 @@ def test_golden_info_hash_and_plan_key() -> None:
     assert [f.path for f in lay.files] == ["config.json", "model.safetensors", "tok/tokenizer.json"]
     assert (lay.piece_length, lay.num_pieces, lay.name) == (T.MiB, 3, f"models--org--golden--{COMMIT}")
     assert T.info_hash(info) == "6884aceeefb326558e283d809cd5b194052fc25a"
-    assert T.plan_key(REPO, COMMIT, entries()) == "511974c497bbc24e4b8e82657244a7bf85c066cd77a2e32c1115ace46771aefb"
+    assert T.plan_key(REPO, COMMIT, entries()) == "bab9b7cbed6ae9d9d9b4f2458652581ef8d445132daa1ba3f3a048caefdcba21"
+
+
+def test_golden_file_torrents_and_commit_key() -> None:
+    """The unit peers share: one torrent per file, each with its own key and info-hash (pinned)."""
+    fts = T.file_torrents(REPO, COMMIT, entries())
+    got = [(ft.entry.path, ft.key[:16], T.info_hash(T.build_info(ft.layout, T.piece_hashes([FILES[ft.entry.path]],
+                                                                                           ft.layout.piece_length))))
+           for ft in fts]
+    assert got == [
+        ("config.json", "bd38882adb1a18b9", "860e0069ac5b24462479d43fc96da884c0b3cc69"),
+        ("model.safetensors", "5a85563c41ec3d0f", "4e70b31d97c212a815b4a4357165f117ebd44039"),
+        ("tok/tokenizer.json", "a660dc973f2b8f52", "f33767b9f8374d4dc83e4e8a7dfb17bad68a1b4e"),
+    ]
+    assert [ft.layout.num_pieces for ft in fts] == [1, 3, 1]
+    assert all(ft.key == T.plan_key(REPO, COMMIT, [ft.entry]) for ft in fts)
+    assert T.commit_key(REPO, COMMIT) == "c3c0dd535f833c2e989814aab2123efc6850323775cee282b625651be354daa2"
+    assert T.commit_key(REPO, "f" * 40) != T.commit_key(REPO, COMMIT)
+    with pytest.raises(T.TorrentError, match="no trusted digest|digest"):
+        T.file_torrents(REPO, COMMIT, [FileEntry("a.bin", 5, "sha256", None)])
+
+
+def sized(*sizes: int) -> list[FileEntry]:
+    return [FileEntry(f"f{i}", n, "sha256", f"{i:064x}") for i, n in enumerate(sizes)]
+
+
+@pytest.mark.parametrize(("sizes", "k", "owners"), [
+    ((5, 5, 5, 5), 2, [[0, 1], [2, 3]]),  # equal shards: halves
+    ((1, 1, 1, 100, 1, 100, 1), 2, [[0, 1, 2, 3], [4, 5, 6]]),  # by bytes (103 | 102), not count
+    ((10, 10, 10), 4, [[0], [], [1], [2]]),  # more holders than files: a holder may own nothing
+    ((7,), 2, [[], [0]]),
+    ((1, 1, 1, 50, 50, 1, 1), 2, [[0, 1, 2, 3], [4, 5, 6]]),  # two shards after small files: one each
+    ((3, 3, 3), 1, [[0, 1, 2]]),
+])
+def test_stripe_splits_by_bytes_and_covers_every_file_once(sizes: tuple[int, ...], k: int,
+                                                           owners: list[list[int]]) -> None:
+    es = sized(*sizes)
+    for j in range(k):
+        own, rest = T.stripe(es, j, k)
+        assert [es.index(e) for e in own] == owners[j]
+        assert sorted(es.index(e) for e in own + rest) == list(range(len(es)))  # each file exactly once
+        later = [i for o in owners[j + 1:] for i in o]
+        assert [es.index(e) for e in rest][:len(later)] == later  # the next holders' files first, then wrap
 
 
 def test_input_order_does_not_matter() -> None:

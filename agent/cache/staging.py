@@ -18,10 +18,12 @@ import hashlib
 import json
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+import structlog
 
 from agent.cache.fsutil import (
     FILE_MODE,
@@ -41,12 +43,17 @@ from agent.errors import Cancelled, CorruptStateError, IntegrityError
 if TYPE_CHECKING:
     from agent.cache.store import Store
 
+log = structlog.get_logger("agent.cache.staging")
+
 
 class Fill:
     """Resumable partial files in staging, verified blobs, then publish. Safe to call from several threads.
 
     Sources call ``open`` (stream bytes through a DigestWriter) or ``adopt`` (a file an external
     downloader wrote at ``part_path``), then ``complete``; they call ``check_stop`` between chunks.
+    ``on_complete`` hooks see each verified staged blob at once (the peers source shares it while the
+    rest of the model is still arriving), ``on_published`` the manifest once those blobs moved into hub/;
+    a failing hook is logged and never fails the fill.
     """
 
     def __init__(self, store: Store, plan: ModelPlan, *, stop: threading.Event | None = None) -> None:
@@ -60,6 +67,8 @@ class Fill:
         self._done: dict[str, ManifestFile] = {}
         self._staged_done = self._load_done_list()
         self._mu = threading.Lock()
+        self.on_complete: list[Callable[[FileEntry, ManifestFile, Path], None]] = []
+        self.on_published: list[Callable[[Manifest], None]] = []  # staged blobs have moved into hub/
 
     def check_stop(self) -> None:
         """Raise ``Cancelled`` once the fill was asked to stop; sources call it between chunks."""
@@ -202,6 +211,11 @@ class Fill:
         with self._mu:
             self._done[entry.path] = mf
             self._append_done(mf)
+        for hook in list(self.on_complete):
+            try:
+                hook(entry, mf, blob)
+            except Exception as e:  # sharing early is an optimisation: the fill goes on without it
+                log.warning("fill.on_complete_failed", file=entry.path, error=str(e))
         return mf
 
     def _append_done(self, mf: ManifestFile) -> None:
@@ -226,7 +240,13 @@ class Fill:
     def publish(self) -> Manifest:
         """Blobs, pending manifest, tree (swapped in whole), manifest, trees json, ref. Every file must be done."""
         with disk_full_as_error(f"publishing {self.plan.repo}@{self.plan.commit[:12]}"):
-            return self._publish()
+            manifest = self._publish()
+        for hook in list(self.on_published):
+            try:
+                hook(manifest)
+            except Exception as e:
+                log.warning("fill.on_published_failed", error=str(e))
+        return manifest
 
     def _publish(self) -> Manifest:
         store, lay, plan = self.store, self.store.layout, self.plan

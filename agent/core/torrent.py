@@ -1,4 +1,9 @@
-"""Deterministic BitTorrent v1 metadata for one (repo, commit, file set), and the checks a leecher runs.
+"""Deterministic BitTorrent v1 metadata for one file of a (repo, commit), and the checks a leecher runs.
+
+The unit is one file, not the model: a v1 info-hash covers the piece hashes, so a torrent exists only once
+every byte of it is held. Per file, a slot holder shares each file as soon as it has landed and passed
+its digest, and the swarm follows one file behind the origin fill instead of one whole model behind
+(``file_torrents``; ``stripe`` splits the origin reads among the slot holders).
 
 Every node must reach the same info-hash on its own, so nothing in the info dict depends on who built
 it or when: files sorted by path (UTF-8 bytes), names = paths inside the snapshot, a piece size fixed
@@ -23,15 +28,17 @@ import itertools
 import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 from agent.core.plan import FileEntry
 
-SCHEME = 1  # bump when anything below changes: every info-hash in the cluster changes with it
+SCHEME = 2  # bump when anything below changes: every info-hash in the cluster changes with it
 MiB = 1024 * 1024
 PIECE_MIN = 1 * MiB
 PIECE_MAX = 16 * MiB
 TARGET_PIECES = 2048  # pieces for a model of PIECE_MIN * TARGET_PIECES bytes and up, until PIECE_MAX caps it
 SHA1_LEN = 20
+E = TypeVar("E", bound=FileEntry)
 
 
 class TorrentError(ValueError):
@@ -306,3 +313,52 @@ def piece_priorities(lay: TorrentLayout, wanted: set[str], *, share: tuple[int, 
         else:
             out.append(7 - 6 * lo // max(1, total))
     return out
+
+
+# -- one torrent per file -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FileTorrent:
+    """One file's torrent as every node derives it from the trusted plan (piece hashes excluded)."""
+
+    entry: FileEntry
+    key: str  # index key: plan_key over this one file
+    layout: TorrentLayout
+
+
+def file_torrents(repo: str, commit: str, files: Sequence[FileEntry]) -> tuple[FileTorrent, ...]:
+    """A torrent per non-empty file, sorted by path bytes. Raises TorrentError (untrusted digest, duplicate)."""
+    chosen = sorted((f for f in files if f.size > 0), key=lambda f: f.path.encode())
+    for a, b in itertools.pairwise(chosen):
+        if a.path == b.path:
+            raise TorrentError(f"path {a.path!r} appears twice")
+    return tuple(FileTorrent(f, plan_key(repo, commit, [f]), layout(repo, commit, [f])) for f in chosen)
+
+
+def commit_key(repo: str, commit: str) -> str:
+    """Index key of a snapshot: a node lists under it the file keys it serves for that (repo, commit)."""
+    return hashlib.sha256(f"{SCHEME}\0{repo}@{commit}".encode()).hexdigest()
+
+
+def stripe(entries: Sequence[E], j: int, k: int) -> tuple[list[E], list[E]]:
+    """Holder ``j`` of ``k``: its own share of ``entries`` (in the given order), then the others', rotated.
+
+    Shares are contiguous and balanced by bytes: an entry belongs to the holder in whose ``1/k`` of the
+    total its middle byte lies, so a 140 GB model of 5 GB shards splits evenly and a model of two shards
+    and ten small files gives each of two holders one shard. Holders read their own shares from the
+    origin at once: the whole model is in the cluster after about ``1/k`` of a fill, and each takes the
+    rest from the others (or from the origin when nobody has it).
+    """
+    if k <= 1 or not entries:
+        return list(entries), []
+    j %= k
+    total = sum(e.size for e in entries) or 1
+    owner, pos = [], 0
+    for e in entries:
+        owner.append(min(k - 1, (2 * pos + e.size) * k // (2 * total)))
+        pos += e.size
+    own = [e for e, o in zip(entries, owner, strict=True) if o == j]
+    after = [e for e, o in zip(entries, owner, strict=True) if o > j]
+    before = [e for e, o in zip(entries, owner, strict=True) if o < j]
+    return own, after + before

@@ -40,8 +40,9 @@ def holder_address(identity: str) -> str | None:
 class LeaseSlot:
     """One held slot: renewed on its own thread until released (or handed over to seeding)."""
 
-    def __init__(self, owner: LeaseSlots, key: str, held: LeaseRecord) -> None:
+    def __init__(self, owner: LeaseSlots, key: str, held: LeaseRecord, index: int = 0) -> None:
         self.owner, self.key, self._held = owner, key, held
+        self.index = index
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._renew, name=f"origin-slot-{held.name}", daemon=True)
         self._thread.start()
@@ -104,7 +105,7 @@ class LeaseSlots:
                     held = self.store.acquire(name, self.identity, self.duration, obs, now)
                     if held is not None:
                         log.info("slots.acquired", lease=name, key=key[:80])
-                        return LeaseSlot(self, key, held)
+                        return LeaseSlot(self, key, held, i)
                     obs = self._look(name)  # lost the race: whoever won is a holder to learn about
             except KubeApiError as e:
                 log.warning("slots.read_failed", lease=name, error=str(e))
@@ -116,14 +117,31 @@ class LeaseSlots:
         return None
 
     def busy(self, key: str) -> bool:
+        """True while a slot is held; the holders' addresses go to ``on_holders`` (a holder learns the others')."""
         now = self.clock()
+        held, holders = False, []
         for i in range(self.cap):
             try:
-                if not self._look(slot_lease_name(key, i)).free_for("", now):
-                    return True
+                obs = self._look(slot_lease_name(key, i))
             except KubeApiError:
                 return True  # cannot tell: assume someone fills, rather than send everyone to the origin
-        return False
+            if not obs.free_for("", now):
+                held = True
+                if obs.holder and obs.holder != self.identity and (addr := holder_address(obs.holder)):
+                    holders.append(addr)
+        if holders and self.on_holders is not None:
+            self.on_holders(holders)
+        return held
+
+    def held_count(self, key: str) -> int:
+        now = self.clock()
+        n = 0
+        for i in range(self.cap):
+            try:
+                n += not self._look(slot_lease_name(key, i)).free_for("", now)
+            except KubeApiError:
+                n += 1  # cannot tell: count it as held (see busy)
+        return n
 
     def drop(self, key: str) -> None:
         slot = self.seeding.get(key)

@@ -34,5 +34,5 @@ def open_peer_sources(refs: list[SourceRef], opened: dict[int, Source], settings
     peer = PeerSource(service, origins, owns_service=True)
     out: list[Source] = []
     for i, r in enumerate(refs):
-        out.append(peer if r.kind == "peers" else SlottedSource(opened[i], service.gate))
+        out.append(peer if r.kind == "peers" else SlottedSource(opened[i], service.gate, service))
     return out

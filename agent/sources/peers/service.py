@@ -1,8 +1,10 @@
-"""One libtorrent session per agent: seed published models, download into staging, serve the index.
+"""One libtorrent session per agent: a torrent per file; seed, share while filling, download, serve the index.
 
-    seed(store, manifest)    hub/models--o--n/blobs/<digest>  <- read-only, seed_mode + upload_mode
-    download(ref, ..., fill) .agent/staging/models--o--n/<commit>/p2p/<n>.part  -> fill.adopt() (sha256/git-sha1)
-    index                    GET /p2p/v1/info/<plan key> on port+1 (metadata only)
+    seed(store, manifest)      hub/models--o--n/blobs/<digest>  <- read-only, seed_mode + upload_mode
+    share_fill(fill)           each file verified in staging is served at once (staging/.../blobs/<digest>),
+                               and moves to its published blob on ``seed``
+    download(swarm, ..., fill) download.py: .agent/staging/.../p2p/<n>.part -> hashed -> Fill.complete
+    index                      GET /p2p/v1/files/<commit key>, /p2p/v1/info/<file key> on port+1 (metadata only)
 
 Rules that keep peers untrusted and the disk safe:
 - Every path handed to libtorrent is computed here from the cache layout: a published blob (read
@@ -11,8 +13,8 @@ Rules that keep peers untrusted and the disk safe:
   the disk (every file is renamed); the part file of skipped pieces lives in staging too.
 - ``seed_mode`` hashes each piece on its first request, so only pieces that pass their hash are
   served; a failing one stops the seed and reports the model (``on_corrupt``).
-- A finished download is flushed and the torrent removed before any file is read (``is_seeding``
-  can turn true before the data is on disk), then every file is re-hashed against the plan's
+- A finished download is flushed and the torrent removed before its file is read (``is_seeding``
+  can turn true before the data is on disk), then the file is re-hashed against the plan's
   trusted digest by the store. Piece hashes only reject bad pieces early and get the sender banned
   (libtorrent's smart-ban plugin).
 - Alerts are popped on one thread and turned into plain values at once: an alert object must not
@@ -23,9 +25,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import errno
 import os
-import shutil
 import socket
 import threading
 import time
@@ -38,31 +38,24 @@ from typing import Any
 import libtorrent as lt
 import structlog
 
-from agent.cache.hashing import Digests, hash_file
-from agent.cache.manifest import Manifest
+from agent.cache.manifest import Manifest, ManifestFile
 from agent.cache.store import Fill, Store
 from agent.core.plan import FileEntry, ModelPlan
 from agent.core.torrent import (
+    FileTorrent,
     TorrentError,
     TorrentLayout,
     build_info,
     check_info,
+    commit_key,
+    file_torrents,
     info_hash,
-    layout,
     piece_hashes,
-    piece_priorities,
-    plan_key,
 )
-from agent.errors import (
-    Cancelled,
-    DiskFullError,
-    IntegrityError,
-    SourceError,
-    TransientSourceError,
-    UnsafePathError,
-)
+from agent.errors import IntegrityError, SourceError
 from agent.sources.base import Progress
-from agent.sources.peers.index import IndexServer, fetch_info
+from agent.sources.peers.download import SwarmDownload
+from agent.sources.peers.index import IndexServer, fetch_info, fetch_listing
 from agent.sources.peers.settings import PeerAddr, PeerSettings
 from agent.sources.peers.slots import DirSlots, LocalSlots, OriginGate, OriginSlots, slot_key
 
@@ -70,13 +63,11 @@ log = structlog.get_logger("agent.sources.peers")
 READ_CHUNK = 8 * 1024 * 1024
 FLUSH_TIMEOUT = 60.0
 REMOVE_TIMEOUT = 10.0
-RECONNECT_EVERY = 2.0
 
 # On top of high_performance_seed(); measured with bench/fill_peers.py (its docstring has the figures).
 # Disk and hashing threads scale with cores: on the 2-core VM one hashing and two disk threads beat 2+4.
 _CORES = os.cpu_count() or 2
 HASH_THREADS = min(8, _CORES)  # piece hashes of a model this node filled from the origin
-VERIFY_THREADS = min(8, max(1, _CORES // 2))  # files of one band complete together: hash them in parallel
 TUNING: dict[str, Any] = {
     # Shallow request queues and no read-cache suggestions: with the defaults (1500 blocks, suggest_read_cache)
     # leechers asked the one seed for the same pieces and it sent a model about 1.5 times (swarm lab); on
@@ -116,15 +107,31 @@ def session_settings(ps: PeerSettings, listen: str, tuning: dict[str, Any] | Non
     return s
 
 
-@dataclass
+@dataclass(frozen=True)
 class TorrentRef:
-    """An info dict accepted for a plan: it matched the layout derived from trusted metadata."""
+    """An info dict accepted for one file: it matched the layout derived from trusted metadata."""
 
     key: str
     info: bytes
     info_hash: str
     layout: TorrentLayout
     holders: tuple[PeerAddr, ...] = ()
+
+
+@dataclass(frozen=True)
+class Swarm:
+    """What the peers source resolved for a plan: each file's torrent as derived from trusted metadata."""
+
+    repo: str
+    commit: str
+    commit_key: str
+    files: tuple[FileTorrent, ...]
+    holders: tuple[PeerAddr, ...] = ()
+
+    @classmethod
+    def of(cls, repo: str, commit: str, files: Sequence[FileEntry], holders: Sequence[PeerAddr] = ()) -> Swarm:
+        """Raises TorrentError when a file has no trusted digest (bytes from peers could not be checked)."""
+        return cls(repo, commit, commit_key(repo, commit), file_torrents(repo, commit, files), tuple(holders))
 
 
 @dataclass
@@ -137,74 +144,11 @@ class _Transfer:
     removed: threading.Event = field(default_factory=threading.Event)
     hash_failures: int = 0
     banned: list[str] = field(default_factory=list)
-    completed_files: list[int] = field(default_factory=list)  # torrent file indices, in completion order
     flushes: int = 0  # cache_flushed alerts received
-    peers_seen: int = 0  # most peers connected at once
     error: tuple[int, str, str] | None = None  # errno-like value, message, file
 
     def poke(self) -> None:
         self.changed.set()
-
-
-class _Verifier:
-    """Hash each finished file while the rest download: file_completed -> flush -> read back from disk.
-
-    A file is read only after a ``cache_flushed`` alert that answers a flush requested after the file
-    completed (libtorrent may hash a piece from memory before its bytes reach the file), and libtorrent
-    never writes a completed file again, so the digest covers the final bytes. The store still checks
-    it against the trusted digest in ``Fill.complete``.
-    """
-
-    def __init__(self, t: _Transfer, targets: dict[int, tuple[FileEntry, Path]], *, fsync: bool) -> None:
-        self.t = t
-        self.targets = targets
-        self.fsync = fsync
-        self._pool = ThreadPoolExecutor(VERIFY_THREADS, thread_name_prefix="p2p-verify")
-        self._seen = 0  # completed_files consumed
-        self._requested = 0  # flushes asked for
-        self._waiting: list[tuple[int, int]] = []  # (flush number that covers it, file index)
-        self._futures: dict[int, Future[Digests]] = {}
-
-    def request_flush(self, handle: Any) -> None:
-        self._requested += 1
-        handle.flush_cache()
-
-    def wait_flushed(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while self.t.flushes < self._requested and self.t.error is None and time.monotonic() < deadline:
-            self.t.flushed.wait(0.05)
-            self.t.flushed.clear()
-
-    def poll(self, handle: Any = None) -> None:
-        done = self.t.completed_files
-        if handle is not None and len(done) > self._seen:
-            fresh = [i for i in done[self._seen:] if i in self.targets]
-            self._seen = len(done)
-            if fresh:
-                self.request_flush(handle)
-                self._waiting += [(self._requested, i) for i in fresh]
-        ready = [i for n, i in self._waiting if n <= self.t.flushes]
-        self._waiting = [(n, i) for n, i in self._waiting if n > self.t.flushes]
-        for i in ready:
-            log.debug("peers.verify_early", file=self.targets[i][0].path)
-            self._futures[i] = self._pool.submit(self._hash, *self.targets[i])
-
-    def _hash(self, entry: FileEntry, path: Path) -> Digests:
-        d = hash_file(path, entry.algo, size=entry.size)
-        if self.fsync:
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        return d
-
-    def result(self, i: int) -> Digests:
-        fut = self._futures.get(i)
-        return fut.result() if fut is not None else self._hash(*self.targets[i])
-
-    def close(self) -> None:
-        self._pool.shutdown(wait=True, cancel_futures=True)
 
 
 # Services started and not yet stopped. At interpreter exit a daemon thread still inside libtorrent
@@ -228,11 +172,13 @@ def _stop_live_services() -> None:
 
 @dataclass
 class _Seed:
-    key: str
+    key: str  # file key
     repo: str
     commit: str
     info_hash: str
     handle: Any
+    ckey: str  # commit key: the index lists the file under it
+    staged: bool  # served from this node's staging (its fill still runs); moves to hub/blobs on publish
 
 
 class PeerService:
@@ -255,8 +201,9 @@ class PeerService:
         self._alerts: threading.Thread | None = None
         self._closing = threading.Event()
         self._transfers: dict[str, _Transfer] = {}
-        self._seeds: dict[str, _Seed] = {}  # plan key -> seed
-        self._infos: dict[str, bytes] = {}  # plan key -> info dict served by the index
+        self._seeds: dict[str, _Seed] = {}  # file key -> seed
+        self._infos: dict[str, bytes] = {}  # file key -> info dict served by the index
+        self._listing: dict[str, set[str]] = {}  # commit key -> file keys this node serves
         self._rejected: dict[str, set[str]] = {}  # plan key -> info-hashes whose bytes failed the digest
         self._seeder = ThreadPoolExecutor(1, thread_name_prefix="p2p-seed")
         self._lookup = ThreadPoolExecutor(8, thread_name_prefix="p2p-index")
@@ -281,7 +228,8 @@ class PeerService:
             ipf.add_rule("::", "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff", 1 << lt.session.global_peer_class_id)
             ses.set_peer_class_filter(ipf)
             self._ses = ses
-            self._index = IndexServer(ps.listen_host, ps.bound_index_port, self._serve_info).start()
+            self._index = IndexServer(ps.listen_host, ps.bound_index_port, self._serve_info,
+                                      self._serve_listing).start()
             self._alerts = threading.Thread(target=self._alert_loop, name="p2p-alerts", daemon=True)
             self._alerts.start()
             with _LIVE_MU:
@@ -374,6 +322,8 @@ class PeerService:
                 return
         t = self._transfers.get(ih)
         if t is None:
+            if isinstance(a, lt.file_error_alert) and (seed := self._seed_by_hash(ih)) is not None:
+                self._seed_file_error(seed, f"{a.error.message()} on {a.filename()}")
             return
         if isinstance(a, lt.torrent_finished_alert):
             t.finished.set()
@@ -390,8 +340,6 @@ class PeerService:
         elif isinstance(a, lt.cache_flushed_alert):
             t.flushes += 1
             t.flushed.set()
-        elif isinstance(a, lt.file_completed_alert):
-            t.completed_files.append(a.index)
         elif isinstance(a, lt.performance_alert):
             log.debug("peers.performance_warning", message=a.message())
         t.poke()
@@ -401,98 +349,169 @@ class PeerService:
     def _serve_info(self, key: str) -> bytes | None:
         return self._infos.get(key)
 
-    def find_info(self, key: str, lay: TorrentLayout) -> TorrentRef | None:
-        """Ask every known peer's index for ``key``; keep info dicts that match ``lay`` exactly.
+    def _serve_listing(self, ckey: str) -> list[str]:
+        with self._mu:
+            return sorted(self._listing.get(ckey, ()))
 
-        When peers disagree (only possible if someone built it from other bytes) the one most peers
-        serve wins; an info-hash whose bytes already failed a digest here is never taken again.
-        """
-        peers = list(self.settings.peers)
+    def find_files(self, swarm: Swarm) -> dict[str, list[PeerAddr]]:
+        """file key -> the known peers that list it for ``swarm``'s snapshot (one small GET per peer)."""
+        peers = list(dict.fromkeys([*swarm.holders, *self.settings.peers]))
         if not peers:
-            return None
-        answers = list(self._lookup.map(lambda p: (p, fetch_info(p, key)), peers))
-        found: dict[str, tuple[bytes, list[PeerAddr]]] = {}
-        for peer, info in answers:
+            return {}
+        wanted = {ft.key for ft in swarm.files}
+        found: dict[str, list[PeerAddr]] = {}
+        for peer, keys in self._lookup.map(lambda p: (p, fetch_listing(p, swarm.commit_key)), peers):
+            for k in (keys or set()) & wanted:
+                found.setdefault(k, []).append(peer)
+        return found
+
+    def fetch_torrent(self, ft: FileTorrent, peers: Sequence[PeerAddr]) -> TorrentRef | None:
+        """The first info dict a listing peer serves for ``ft`` that matches its layout exactly.
+
+        An info-hash whose bytes already failed the trusted digest here is never taken again; when that is
+        all the peers offer, SourceError (waiting would not change it).
+        """
+        refused = None
+        for peer in peers:
+            info = fetch_info(peer, ft.key)
             if info is None:
                 continue
             try:
-                ih = check_info(info, lay)
+                ih = check_info(info, ft.layout)
             except TorrentError as e:
-                log.warning("peers.metadata_rejected", peer=str(peer), key=key[:12], error=str(e))
+                log.warning("peers.metadata_rejected", peer=str(peer), file=ft.entry.path, error=str(e))
                 continue
-            if ih in self._rejected.get(key, set()):
+            if ih in self._rejected.get(ft.key, set()):
+                refused = ih
                 continue
-            found.setdefault(ih, (info, []))[1].append(peer)
-        if not found:
-            return None
-        ih, (info, holders) = max(found.items(), key=lambda kv: len(kv[1][1]))
-        return TorrentRef(key, info, ih, lay, tuple(holders))
+            return TorrentRef(ft.key, info, ih, ft.layout, tuple(peers))
+        if refused is not None:
+            raise SourceError(f"peers: torrent {refused[:12]} of {ft.entry.path} delivered bytes that failed the "
+                              "trusted digest, and no peer offers another")
+        return None
 
-    # -- seeding -----------------------------------------------------------------------------------
+    # -- seeding and sharing -------------------------------------------------------------------------
 
-    def seed(self, store: Store, manifest: Manifest) -> Future[str | None]:
-        """Seed a published snapshot from ``hub/blobs`` (piece hashes read from the blobs if unknown).
+    def seed(self, store: Store, manifest: Manifest) -> Future[int]:
+        """Seed a published snapshot from ``hub/blobs``: one torrent per file (piece hashes read if unknown).
 
-        Returns at once; the future gives the info-hash (None: nothing to seed). The origin slot
-        this node held for the model is released once the torrent is served.
+        Returns at once; the future gives the number of files seeded. Files this node shared from staging
+        during the fill move to their published blob. The origin slot this node held for the model is
+        released (or kept as the swarm's beacon) once the files are served.
         """
         self.start()
         return self._seeder.submit(self._seed, store, manifest)
 
-    def _seed(self, store: Store, manifest: Manifest) -> str | None:
-        entries = [FileEntry(f.path, f.size, f.algo, f.digest) for f in manifest.files]
-        key = plan_key(manifest.repo, manifest.commit, entries)
+    def _seed(self, store: Store, manifest: Manifest) -> int:
         try:
-            with self._mu:
-                if key in self._seeds:
-                    return self._seeds[key].info_hash
-            lay = layout(manifest.repo, manifest.commit, entries)
-            if not lay.files:
-                return None
-            by_path = {e.path: e for e in entries}
-            blobs = [store.layout.blob_path(manifest.repo, by_path[f.path].digest or "") for f in lay.files]
-            for f, b in zip(lay.files, blobs, strict=True):
-                if os.stat(b).st_size != f.size:
-                    raise IntegrityError(f.path, f"blob {b.name} has size {os.stat(b).st_size}, expected {f.size}")
-            info = self._cached_info(store, key, lay)
-            if info is None:
-                t0 = time.monotonic()
-                info = build_info(lay, hash_pieces(blobs, lay))
-                log.info("peers.hashed", repo=manifest.repo, commit=manifest.commit[:12], bytes=lay.total_bytes,
-                         seconds=round(time.monotonic() - t0, 3))
-                _write_info_cache(store, key, info)
-            ih = info_hash(info)
+            entries = [FileEntry(f.path, f.size, f.algo, f.digest) for f in manifest.files if f.digest]
+            fts = file_torrents(manifest.repo, manifest.commit, entries)
             # Blobs the store still vouches for (size, mtime, inode as verified at publish) are served as
             # they are: a SHA-1 pass per piece would cost a seeding GPU node ~1.4 s of CPU per GB. Otherwise
             # seed_mode checks each piece on its first request. The receiver checks every piece either way.
             trusted = not self.settings.seed_verify and store.check(manifest).ok
-            atp = _add_params(info, save_path=store.layout.agent_dir / "p2p" / "seed",
-                              renamed={i: str(b) for i, b in enumerate(blobs)},
-                              flags=lt.torrent_flags.upload_mode | (0 if trusted else lt.torrent_flags.seed_mode))
-            if trusted:
-                atp.have_pieces = [True] * lay.num_pieces
-            with self._mu:
-                if self._ses is None or self._closing.is_set():
-                    return None
-                handle = self._ses.add_torrent(atp)
-                self._seeds[key] = _Seed(key, manifest.repo, manifest.commit, ih, handle)
-                self._infos[key] = info
-            self._connect(handle, self.settings.peers)
-            log.info("peers.seeding", repo=manifest.repo, commit=manifest.commit[:12], info_hash=ih[:12],
-                     pieces=lay.num_pieces, piece_length=lay.piece_length)
-            return ih
+            n = 0
+            for ft in fts:
+                blob = store.layout.blob_path(manifest.repo, ft.entry.digest or "")
+                if os.stat(blob).st_size != ft.entry.size:
+                    raise IntegrityError(ft.entry.path, f"blob {blob.name} has size {os.stat(blob).st_size}, "
+                                         f"expected {ft.entry.size}")
+                if self._add_seed(store, manifest.repo, manifest.commit, ft, blob, trusted=trusted, staged=False):
+                    n += 1
+            if n:
+                log.info("peers.seeding", repo=manifest.repo, commit=manifest.commit[:12], files=n)
+            return n
         finally:
             self.gate.seeded(slot_key(manifest.repo, manifest.commit))
 
-    def _cached_info(self, store: Store, key: str, lay: TorrentLayout) -> bytes | None:
-        info = self._infos.get(key)
+    def share_fill(self, fill: Fill) -> None:
+        """Share each file of ``fill`` from staging as soon as it is verified (once per fill)."""
+        if getattr(fill, "_p2p_shared", False):
+            return
+        fill._p2p_shared = True  # type: ignore[attr-defined]
+        repo, commit, store = fill.plan.repo, fill.plan.commit, fill.store
+
+        def hook(entry: FileEntry, mf: ManifestFile, blob: Path) -> None:
+            if not entry.trusted or not entry.digest or entry.size == 0 or self._closing.is_set():
+                return
+            ft = file_torrents(repo, commit, [FileEntry(entry.path, entry.size, entry.algo, entry.digest)])[0]
+            with contextlib.suppress(RuntimeError):  # the seeder is shut down: the service is stopping
+                self._seeder.submit(self._share_staged, store, repo, commit, ft, blob)
+
+        fill.on_complete.append(hook)
+        fill.on_published.append(lambda manifest: self.seed(store, manifest))  # staged seeds -> hub/blobs
+
+    def _share_staged(self, store: Store, repo: str, commit: str, ft: FileTorrent, blob: Path) -> None:
+        try:
+            if self._add_seed(store, repo, commit, ft, blob, trusted=True, staged=True):
+                log.info("peers.sharing_staged", repo=repo, commit=commit[:12], file=ft.entry.path)
+        except (OSError, TorrentError, IntegrityError) as e:  # e.g. published or dropped meanwhile
+            log.info("peers.share_skipped", file=ft.entry.path, error=str(e))
+
+    def _add_seed(self, store: Store, repo: str, commit: str, ft: FileTorrent, path: Path, *,
+                  trusted: bool, staged: bool) -> bool:
+        """Serve ``path`` as ``ft``'s torrent (read only). A staged seed of the same file is replaced."""
+        with self._mu:
+            old = self._seeds.get(ft.key)
+        if old is not None and not old.staged:
+            return False
+        info = self._cached_info(store, ft)
+        if info is None:
+            t0 = time.monotonic()
+            info = build_info(ft.layout, hash_pieces([path], ft.layout))
+            log.debug("peers.hashed", file=ft.entry.path, bytes=ft.entry.size, seconds=round(time.monotonic() - t0, 3))
+            _write_info_cache(store, ft.key, info)
+        ih = info_hash(info)
+        if old is not None:  # staged -> published: the same torrent, its file moved to hub/blobs
+            self._drop_seed(old, wait=True)
+        atp = _add_params(info, save_path=path.parent, renamed={0: str(path)},
+                          flags=lt.torrent_flags.upload_mode | (0 if trusted else lt.torrent_flags.seed_mode))
+        if trusted:
+            atp.have_pieces = [True] * ft.layout.num_pieces
+        ckey = commit_key(repo, commit)
+        with self._mu:
+            if self._ses is None or self._closing.is_set():
+                return False
+            handle = self._ses.add_torrent(atp)
+            self._seeds[ft.key] = _Seed(ft.key, repo, commit, ih, handle, ckey, staged)
+            self._infos[ft.key] = info
+            self._listing.setdefault(ckey, set()).add(ft.key)
+        self._connect(handle, self.settings.peers)
+        return True
+
+    def _drop_seed(self, seed: _Seed, *, wait: bool = False) -> None:
+        t = _Transfer()
+        with self._mu:
+            if self._seeds.get(seed.key) is seed:
+                del self._seeds[seed.key]
+            keys = self._listing.get(seed.ckey)
+            if keys is not None:
+                keys.discard(seed.key)
+                if not keys:
+                    del self._listing[seed.ckey]
+            if self._ses is None:
+                return
+            if wait:
+                self._transfers[seed.info_hash] = t
+            self._ses.remove_torrent(seed.handle)
+        if wait:
+            try:
+                if not t.removed.wait(REMOVE_TIMEOUT):
+                    log.warning("peers.remove_slow", seconds=REMOVE_TIMEOUT)
+            finally:
+                with self._mu:
+                    if self._transfers.get(seed.info_hash) is t:
+                        del self._transfers[seed.info_hash]
+
+    def _cached_info(self, store: Store, ft: FileTorrent) -> bytes | None:
+        info = self._infos.get(ft.key)
         if info is None:
             with contextlib.suppress(OSError):
-                info = _info_cache_path(store, key).read_bytes()
+                info = _info_cache_path(store, ft.key).read_bytes()
         if info is None:
             return None
         try:
-            check_info(info, lay)
+            check_info(info, ft.layout)
         except TorrentError:
             return None
         return info
@@ -501,17 +520,15 @@ class PeerService:
         """Stop seeding a snapshot (call before its blobs are removed)."""
         with self._mu:
             gone = [s for s in self._seeds.values() if s.repo == repo and s.commit == commit]
-            for s in gone:
-                del self._seeds[s.key]
-                self._infos.pop(s.key, None)
-                if self._ses is not None:
-                    self._ses.remove_torrent(s.handle)
         for s in gone:
-            log.info("peers.unseeded", repo=repo, commit=commit[:12], info_hash=s.info_hash[:12])
+            self._drop_seed(s)
+            self._infos.pop(s.key, None)
+        if gone:
+            log.info("peers.unseeded", repo=repo, commit=commit[:12], files=len(gone))
         self.gate.unseeded(slot_key(repo, commit))
 
     def seeding(self) -> list[tuple[str, str, str]]:
-        """(repo, commit, info-hash) of every seeded snapshot."""
+        """(repo, commit, info-hash) of every seeded file."""
         with self._mu:
             return sorted((s.repo, s.commit, s.info_hash) for s in self._seeds.values())
 
@@ -526,107 +543,32 @@ class PeerService:
         if self.on_corrupt is not None:
             self.on_corrupt(seed.repo, seed.commit)
 
+    def _seed_file_error(self, seed: _Seed, message: str) -> None:
+        """A seeded file cannot be read (a staged file dropped by a failed fill, a blob evicted): stop serving it."""
+        log.warning("peers.seed_unreadable", repo=seed.repo, commit=seed.commit[:12], staged=seed.staged,
+                    error=message)
+        self._drop_seed(seed)
+
     # -- downloading -------------------------------------------------------------------------------
 
     def reject(self, ref: TorrentRef) -> None:
-        """Never use this info-hash for this plan again (its bytes failed the trusted digest)."""
+        """Never use this info-hash for this file again (its bytes failed the trusted digest)."""
         self._rejected.setdefault(ref.key, set()).add(ref.info_hash)
-        self._infos.pop(ref.key, None)
 
-    def download(self, ref: TorrentRef, plan: ModelPlan, entries: Sequence[FileEntry], fill: Fill,
-                 progress: Progress) -> None:
-        """Download ``entries`` of ``ref`` into ``fill``'s staging, then hand each file to the store.
+    def download(self, swarm: Swarm, plan: ModelPlan, entries: Sequence[FileEntry], fill: Fill, progress: Progress,
+                 *, alive: Callable[[], bool] = lambda: False) -> None:
+        """Download ``entries`` file by file as peers list them, into ``fill``'s staging.
 
-        Raises DiskFullError (ENOSPC), IntegrityError (a file failed its digest: nothing of it is
-        kept), Cancelled, or TransientSourceError when the swarm stops delivering for
-        ``stall_timeout`` seconds (the caller falls back to the next source).
+        Each file's torrent is added as soon as some peer lists it (a slot holder lists a file the moment
+        it is verified in its staging), finished files are re-hashed against the trusted digest and shared
+        from here at once. ``alive()`` says whether a slot holder is still filling: files nobody lists are
+        waited for up to ``holder_wait`` while it is, ``stall_timeout`` when not. Raises DiskFullError,
+        IntegrityError (a file failed its digest: nothing of it is kept), Cancelled, or
+        TransientSourceError (the caller falls back to the next source).
         """
         self.start()
-        if ref.info_hash in self._rejected.get(ref.key, set()):
-            raise SourceError(f"peers: torrent {ref.info_hash[:12]} delivered bytes that failed the trusted digest")
-        wanted = {e.path: e for e in entries if e.size > 0}
-        for e in entries:
-            if e.size == 0:
-                fill.write_stream(e, iter(()))
-        if not wanted:
-            return
-        work = fill.dir / "p2p"
-        renamed: dict[int, str] = {}
-        targets: dict[int, tuple[FileEntry, Path]] = {}
-        for i, f in enumerate(ref.layout.files):
-            e = wanted.get(f.path)
-            target = work / (f"{i}.part" if e is not None else f"skip-{i}")
-            renamed[i] = str(target)
-            if e is not None:
-                targets[i] = (e, target)
-        missing = set(wanted) - {e.path for e, _ in targets.values()}
-        if missing:
-            raise UnsafePathError(f"peers: {sorted(missing)[0]} is not in torrent {ref.info_hash[:12]}")
-        _ensure_inside(work, fill.store.layout.staging_root)
-        work.mkdir(parents=True, exist_ok=True)
-        atp = _add_params(ref.info, save_path=work, renamed=renamed, flags=0)
-        atp.file_priorities = [4 if f.path in wanted else 0 for f in ref.layout.files]
-        atp.piece_priorities = piece_priorities(ref.layout, set(wanted), share=self._share())
-        t = _Transfer()
-        verifier = _Verifier(t, targets, fsync=fill.store.fsync)
-        handle = None
-        with self._mu:
-            if self._ses is None:
-                raise TransientSourceError("peers: the p2p service is stopped")
-            if ref.info_hash in self._transfers:
-                raise TransientSourceError(f"peers: torrent {ref.info_hash[:12]} is already being downloaded")
-            self._transfers[ref.info_hash] = t
-        blog = log.bind(repo=plan.repo, commit=plan.commit[:12], info_hash=ref.info_hash[:12])
-        try:
-            with self._mu:
-                handle = self._ses.add_torrent(atp)
-                self._infos.setdefault(ref.key, ref.info)  # others may join through this node meanwhile
-            holders = list(dict.fromkeys([*ref.holders, *self.settings.peers]))  # every peer may hold pieces
-            self._connect(handle, holders)
-            blog.info("peers.download_start", files=len(wanted), bytes=sum(e.size for e in wanted.values()),
-                      holders=[str(h) for h in holders])
-            t0 = time.monotonic()
-            self._wait_finished(handle, t, fill, progress, holders, verifier)
-            t1 = time.monotonic()
-            verifier.request_flush(handle)
-            verifier.wait_flushed(FLUSH_TIMEOUT)
-            verifier.poll()
-            self._remove(handle, t)
-            handle = None
-            t2 = time.monotonic()
-            _raise_storage_error(t, fill)  # a write that failed after its piece passed (pread writes later)
-            downloaded = 0
-            for i, (e, target) in targets.items():
-                d = verifier.result(i)
-                _check_written(target, e, fill)
-                os.replace(target, fill.part_path(e))
-                try:
-                    fill.complete(e, d)
-                except IntegrityError:
-                    self.reject(ref)
-                    blog.error("peers.digest_mismatch", file=e.path, hash_failures=t.hash_failures,
-                               error="bytes from peers passed the piece hashes but not the trusted digest")
-                    self.stats_bytes["rejected"] += e.size
-                    raise
-                downloaded += e.size
-            self.stats_bytes["downloaded"] += downloaded
-            _write_info_cache(fill.store, ref.key, ref.info)  # seeding it after publish needs no re-hash
-            blog.info("peers.download_done", bytes=downloaded, hash_failures=t.hash_failures, banned=t.banned,
-                      peers=t.peers_seen,
-                      transfer_s=round(t1 - t0, 3), flush_s=round(t2 - t1, 3),
-                      verify_s=round(time.monotonic() - t2, 3))
-        finally:
-            verifier.close()
-            if handle is not None:  # failed: drop the partial files first, so writes parked on a full disk end
-                for partial in (p for p in work.rglob("*") if p.is_file()):  # ours and libtorrent's part file
-                    with contextlib.suppress(OSError):
-                        os.truncate(partial, 0)
-                self._remove(handle, t, delete=True)
-            with self._mu:
-                self._transfers.pop(ref.info_hash, None)
-                if ref.key not in self._seeds:  # the torrent is gone: stop pointing others at it
-                    self._infos.pop(ref.key, None)
-            shutil.rmtree(work, ignore_errors=True)
+        self.share_fill(fill)
+        SwarmDownload(self, swarm, plan, entries, fill, progress, alive).run()
 
     def _share(self) -> tuple[int, int] | None:
         """This node's place among the nodes it knows (itself and its static peers), when there are 3+."""
@@ -635,40 +577,6 @@ class PeerService:
         me = f"{host}:{ps.port or self.bt_port}"
         everyone = sorted({me, *(str(p) for p in ps.peers)})
         return (everyone.index(me), len(everyone)) if len(everyone) > 2 else None
-
-    def _wait_finished(self, handle: Any, t: _Transfer, fill: Fill, progress: Progress,
-                       holders: Sequence[PeerAddr], verifier: _Verifier) -> None:
-        done = 0
-        last_progress = last_connect = self.clock()
-        while True:
-            t.changed.wait(0.25)
-            t.changed.clear()
-            fill.check_stop()
-            if self._closing.is_set():
-                raise Cancelled("peers: the p2p service is stopping")
-            _raise_storage_error(t, fill)
-            verifier.poll(handle)
-            st = handle.status()
-            now = self.clock()
-            t.peers_seen = max(t.peers_seen, st.num_peers)
-            if st.total_wanted_done > done:
-                progress.advance(st.total_wanted_done - done)
-                done = st.total_wanted_done
-                last_progress = now
-            elif st.state in (lt.torrent_status.checking_files, lt.torrent_status.checking_resume_data):
-                last_progress = now
-            if t.finished.is_set() or (st.total_wanted and st.total_wanted_done >= st.total_wanted):
-                return
-            if now - last_progress > self.settings.stall_timeout:
-                raise TransientSourceError(
-                    f"peers: no progress for {self.settings.stall_timeout:g}s ({done} of {st.total_wanted} bytes, "
-                    f"{st.num_peers} peers connected, {len(t.banned)} banned, {t.hash_failures} bad pieces)")
-            if now - last_connect > RECONNECT_EVERY and st.num_peers < len(holders):
-                # Peers that joined after our first try refused then (no such torrent yet), and libtorrent
-                # gives a refused peer up; asking again is a no-op for peers already connected.
-                self._connect(handle, holders)
-                last_connect = now
-
 
     def _remove(self, handle: Any, t: _Transfer, *, delete: bool = False) -> None:
         """Remove a torrent and wait for libtorrent to let go of its files.
@@ -704,31 +612,6 @@ class PeerService:
                     "verified_bytes": self.stats_bytes["downloaded"], "rejected_bytes": self.stats_bytes["rejected"]}
 
 
-def _raise_storage_error(t: _Transfer, fill: Fill) -> None:
-    if t.error is None:
-        return
-    value, message, path = t.error
-    if value == errno.ENOSPC:
-        raise DiskFullError(f"peers: disk full while writing {path or fill.dir}: {message}")
-    raise TransientSourceError(f"peers: libtorrent error {value} ({message}) on {path or 'torrent'}")
-
-
-def _check_written(path: Path, entry: FileEntry, fill: Fill) -> None:
-    """A file with holes was not fully written here: a local failure (disk full), not a peer's lie.
-
-    Without this a write that failed after its piece passed would look like bad bytes from peers and
-    get an honest torrent refused.
-    """
-    st = os.stat(path)
-    if st.st_size == entry.size and st.st_blocks * 512 >= st.st_size:
-        return
-    message = (f"peers: {entry.path} was not fully written ({st.st_blocks * 512} of {entry.size} bytes on disk, "
-               f"{shutil.disk_usage(fill.dir).free} bytes free)")
-    if shutil.disk_usage(fill.dir).free < entry.size - st.st_blocks * 512:
-        raise DiskFullError(message.replace("peers: ", "peers: disk full: ", 1))
-    raise TransientSourceError(message)
-
-
 def _listen_host(host: str) -> str:
     return f"[{host}]" if ":" in host else host
 
@@ -740,12 +623,6 @@ def _add_params(info: bytes, *, save_path: Path, renamed: dict[int, str], flags:
     atp.renamed_files = renamed
     atp.flags = flags  # not auto-managed, not paused: starts now, never queued
     return atp
-
-
-def _ensure_inside(path: Path, root: Path) -> None:
-    real, top = os.path.realpath(path), os.path.realpath(root)
-    if os.path.commonpath([real, top]) != top:
-        raise UnsafePathError(f"peers: {path} is outside {root}")
 
 
 def _read_range(paths: Sequence[Path], sizes: Sequence[int], start: int, end: int) -> Iterator[bytes]:

@@ -21,13 +21,21 @@ import os
 import threading
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal, Protocol
+from typing import TYPE_CHECKING, Literal, Protocol
+
+import structlog
 
 from agent.cache.store import Fill
 from agent.core.plan import FileEntry, ModelPlan
 from agent.core.spec import FileFilter
-from agent.errors import TransientSourceError
+from agent.core.torrent import TorrentError, stripe
+from agent.errors import IntegrityError, SourceError, TransientSourceError
 from agent.sources.base import Progress, Source
+
+if TYPE_CHECKING:
+    from agent.sources.peers.service import PeerService
+
+log = structlog.get_logger("agent.sources.peers")
 
 
 def slot_key(repo: str, commit: str) -> str:
@@ -35,6 +43,8 @@ def slot_key(repo: str, commit: str) -> str:
 
 
 class Slot(Protocol):
+    index: int  # which of the model's ``cap`` slots: the holder's stripe of the model (core.torrent.stripe)
+
     def release(self) -> None: ...
 
 
@@ -51,10 +61,15 @@ class OriginSlots(Protocol):
         """True while some node (this one included) holds a slot for ``key``."""
         ...
 
+    def held_count(self, key: str) -> int:
+        """How many of ``key``'s slots are held (this node's included)."""
+        ...
+
 
 class _LocalSlot:
-    def __init__(self, owner: LocalSlots, key: str) -> None:
+    def __init__(self, owner: LocalSlots, key: str, index: int) -> None:
         self._owner, self._key, self._done = owner, key, False
+        self.index = index
 
     def release(self) -> None:
         with self._owner._mu:
@@ -75,17 +90,22 @@ class LocalSlots:
         with self._mu:
             if self._held.get(key, 0) >= self.cap:
                 return None
-            self._held[key] = self._held.get(key, 0) + 1
-            return _LocalSlot(self, key)
+            n = self._held.get(key, 0)
+            self._held[key] = n + 1
+            return _LocalSlot(self, key, n)
 
     def busy(self, key: str) -> bool:
+        return self.held_count(key) > 0
+
+    def held_count(self, key: str) -> int:
         with self._mu:
-            return self._held.get(key, 0) > 0
+            return self._held.get(key, 0)
 
 
 class _DirSlot:
-    def __init__(self, fd: int) -> None:
+    def __init__(self, fd: int, index: int) -> None:
         self._fd = fd
+        self.index = index
 
     def release(self) -> None:
         if self._fd >= 0:
@@ -111,17 +131,21 @@ class DirSlots:
         return [self.dir / f"{stem}.{i}.lock" for i in range(self.cap)]
 
     def try_acquire(self, key: str) -> Slot | None:
-        for p in self._paths(key):
+        for i, p in enumerate(self._paths(key)):
             fd = os.open(p, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 os.close(fd)
                 continue
-            return _DirSlot(fd)
+            return _DirSlot(fd, i)
         return None
 
     def busy(self, key: str) -> bool:
+        return self.held_count(key) > 0
+
+    def held_count(self, key: str) -> int:
+        n = 0
         for p in self._paths(key):
             try:
                 fd = os.open(p, os.O_RDWR | os.O_CLOEXEC)
@@ -130,10 +154,10 @@ class DirSlots:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                return True
+                n += 1
             finally:
                 os.close(fd)
-        return False
+        return n
 
 
 Decision = Literal["held", "denied"]
@@ -211,17 +235,34 @@ class OriginGate:
         if drop_all is not None:
             drop_all()
 
+    def others_filling(self, key: str) -> bool:
+        """Another node holds a slot for ``key`` besides this one (its stripe may still arrive)."""
+        return self.slots.held_count(key) > (1 if self.decision(key) == "held" else 0)
+
+    def stripe(self, key: str) -> tuple[int, int]:
+        """(slot index, cap) of the slot held for ``key``; (0, 1) when none is held (fetch everything)."""
+        with self._mu:
+            slot = self._held.get(key)
+        return (getattr(slot, "index", 0), self.slots.cap) if slot is not None else (0, 1)
+
     def held(self) -> list[str]:
         with self._mu:
             return sorted(self._held)
 
 
 class SlottedSource:
-    """An origin source whose fetch runs only where the gate allows it; metadata calls pass through."""
+    """An origin source whose fetch runs only where the gate allows it; metadata calls pass through.
 
-    def __init__(self, inner: Source, gate: OriginGate) -> None:
+    With a peer service, a slot holder shares every file as soon as it is verified, reads only its own
+    stripe of the model from the origin (``core.torrent.stripe``: holder ``j`` of ``k`` takes the
+    ``j``-th contiguous share of the files, by path) and takes the other stripes from the other holders;
+    what none of them delivers (a holder died, peers failed) it reads from the origin after all.
+    """
+
+    def __init__(self, inner: Source, gate: OriginGate, peers: PeerService | None = None) -> None:
         self.inner = inner
         self.gate = gate
+        self.peers = peers
         self.kind = inner.kind
 
     @property
@@ -237,20 +278,49 @@ class SlottedSource:
 
     def fetch(self, plan: ModelPlan, entries: Sequence[FileEntry], fill: Fill, progress: Progress) -> None:
         key = slot_key(plan.repo, plan.commit)
-        if self.gate.decision(key) == "denied":
+        decision = self.gate.decision(key)
+        if decision == "denied":
             raise TransientSourceError(
                 f"{self.label}: the {self.gate.slots.cap} origin slot(s) for {key[:80]} are held by other nodes; "
                 "this node fills from peers once one of them seeds")
         try:
-            self.inner.fetch(plan, entries, fill, progress)
+            if self.peers is None or decision != "held":
+                self.inner.fetch(plan, entries, fill, progress)
+            else:
+                self._fetch_as_holder(plan, entries, fill, progress, key)
         except BaseException:
             self.gate.release(key)
             raise
 
+    def _fetch_as_holder(self, plan: ModelPlan, entries: Sequence[FileEntry], fill: Fill, progress: Progress,
+                         key: str) -> None:
+        from agent.sources.peers.service import Swarm
+
+        assert self.peers is not None
+        try:
+            swarm = Swarm.of(plan.repo, plan.commit, plan.files)
+        except TorrentError:  # a file without a trusted digest: nothing can be shared, fill it all here
+            self.inner.fetch(plan, entries, fill, progress)
+            return
+        self.peers.share_fill(fill)
+        j, k = self.gate.stripe(key)
+        own, rest = stripe(sorted(entries, key=lambda e: e.path.encode()), j, k)
+        log.info("peers.origin_stripe", repo=plan.repo, commit=plan.commit[:12], slot=j, slots=k,
+                 files=len(own), others=len(rest))
+        self.inner.fetch(plan, own, fill, progress)
+        if not rest:
+            return
+        try:
+            self.peers.download(swarm, plan, rest, fill, progress, alive=lambda: self.gate.others_filling(key))
+        except (SourceError, IntegrityError) as err:  # not a full disk, not Cancelled: those end the fill
+            left = [e for e in rest if e.path not in fill.done_paths()]
+            log.info("peers.stripe_fallback", repo=plan.repo, commit=plan.commit[:12], files=len(left), error=str(err))
+            self.inner.fetch(plan, left, fill, progress)
+
     def with_subpath(self, subpath: str | None) -> SlottedSource:
         """A PVC origin looking in a model's ``pvcSubpath`` (factory.for_model), still gated."""
         inner = getattr(self.inner, "with_subpath", None)
-        return SlottedSource(inner(subpath), self.gate) if inner is not None else self
+        return SlottedSource(inner(subpath), self.gate, self.peers) if inner is not None else self
 
     def close(self) -> None:
         self.inner.close()

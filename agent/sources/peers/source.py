@@ -1,13 +1,13 @@
-"""The ``peers`` source: fill from other agents' torrents, checked against the origins' digests.
+"""The ``peers`` source: fill from other agents' torrents (one per file), checked against the origins' digests.
 
 resolve(repo, revision):
     reference = the origin sources' plan (metadata only, trusted digests; a peer's word never counts)
-    key, layout = plan_key(reference), layout(reference)
-    loop: a peer serves an info dict matching the layout        -> plan (fetch joins the swarm)
-          no torrent, and this node gets an origin slot         -> NotFoundError: the next source
-                                                                   (an origin) fills, and this node
-                                                                   seeds afterwards
-          no torrent, all origin slots held by other nodes      -> wait for their torrent (polling)
+    swarm = each file's torrent key and layout, derived from the reference
+    some peer lists every file                          -> plan (fetch joins the swarm)
+    else this node gets a free origin slot              -> NotFoundError: the next source (an origin, in a
+                                                           SlottedSource) fills its stripe, sharing each file
+                                                           as it lands, and takes the rest from the other holders
+    else (slots held by other nodes, or peers list part) -> plan: fetch takes files as the holders list them
 fetch: libtorrent downloads into staging; every file is re-hashed against the reference digest
 before the store takes it. Any swarm failure other than a full disk raises a SourceError, so
 ``fill_model`` moves on to the next configured source.
@@ -23,10 +23,10 @@ import structlog
 from agent.cache.store import Fill
 from agent.core.plan import FileEntry, ModelPlan
 from agent.core.spec import FileFilter
-from agent.core.torrent import TorrentError, layout, plan_key
-from agent.errors import NotFoundError, SourceError, TransientSourceError
+from agent.core.torrent import TorrentError
+from agent.errors import NotFoundError, SourceError
 from agent.sources.base import Progress, Source
-from agent.sources.peers.service import PeerService, TorrentRef
+from agent.sources.peers.service import PeerService, Swarm
 from agent.sources.peers.slots import slot_key
 from agent.sources.reference import reference_plan
 
@@ -65,49 +65,43 @@ class PeerSource:
             raise SourceError(f"peers: {repo}@{ref.commit[:12]}: no trusted digest for {untrusted[0]} "
                               f"(and {len(untrusted) - 1} more); bytes from peers need a reference to be checked")
         try:
-            key = plan_key(repo, ref.commit, ref.files)
-            lay = layout(repo, ref.commit, ref.files)
+            swarm = Swarm.of(repo, ref.commit, ref.files)
         except TorrentError as e:
             raise SourceError(f"peers: {repo}@{ref.commit[:12]}: {e}") from e
         svc = self.service.start()
         skey = slot_key(repo, ref.commit)
-        waited_since = svc.clock()
-        announced = False
-        while True:
-            torrent = svc.find_info(key, lay)
-            if torrent is not None:
-                svc.gate.release(skey)  # a retry that finds peers after all gives its slot back
-                log.info("peers.found", repo=repo, commit=ref.commit[:12], info_hash=torrent.info_hash[:12],
-                         holders=[str(h) for h in torrent.holders])
-                return replace(ref, source=self.label, extras={**ref.extras, "torrent": torrent})
-            if not self.origins and self._reference is None:
-                break
-            if svc.gate.decide(skey) == "held":
-                # A holder serves its torrent before it gives its slot back: asking once more after taking
-                # the slot closes the window between our last look and the slot coming free.
-                torrent = svc.find_info(key, lay)
-                if torrent is not None:
-                    continue
-                log.info("peers.origin_slot", repo=repo, commit=ref.commit[:12], slots=svc.gate.slots.cap)
-                raise NotFoundError(f"peers: no peer has {repo}@{ref.commit[:12]} yet; this node holds an origin "
-                                    "slot and fills from the next source")
-            if not announced:
-                log.info("peers.waiting_for_holder", repo=repo, commit=ref.commit[:12])
-                announced = True
-            if svc.clock() - waited_since > svc.settings.holder_wait:
-                svc.gate.deny(skey)
-                raise TransientSourceError(f"peers: {repo}@{ref.commit[:12]}: origin slots held by other nodes for "
-                                           f"{svc.settings.holder_wait:g}s and still no torrent; retrying later")
-            if svc.closing.wait(svc.settings.poll_interval):
-                break
+        found = svc.find_files(swarm)
+        holders = tuple(dict.fromkeys(p for peers in found.values() for p in peers))
+        plan = replace(ref, source=self.label, extras={**ref.extras, "swarm": replace(swarm, holders=holders)})
+        if len(found) == len(swarm.files):
+            svc.gate.release(skey)  # a retry that finds peers after all gives its slot back
+            log.info("peers.found", repo=repo, commit=ref.commit[:12], files=len(found),
+                     holders=[str(h) for h in holders])
+            return plan
+        if not self.origins and self._reference is None:
+            if found:
+                return plan
+            raise NotFoundError(f"peers: no peer has {repo}@{ref.commit[:12]}")
+        if svc.gate.decide(skey) == "held":
+            j, k = svc.gate.stripe(skey)
+            log.info("peers.origin_slot", repo=repo, commit=ref.commit[:12], slot=j, slots=k)
+            raise NotFoundError(f"peers: no peer has all of {repo}@{ref.commit[:12]} yet; this node holds origin "
+                                f"slot {j} of {k} and fills from the next source")
+        if found or svc.gate.slots.busy(skey):
+            svc.gate.deny(skey)
+            log.info("peers.following_holders", repo=repo, commit=ref.commit[:12], listed=len(found),
+                     files=len(swarm.files))
+            return plan
         svc.gate.deny(skey)
         raise NotFoundError(f"peers: no peer has {repo}@{ref.commit[:12]}")
 
     def fetch(self, plan: ModelPlan, entries: Sequence[FileEntry], fill: Fill, progress: Progress) -> None:
-        torrent = plan.extras.get("torrent")
-        if not isinstance(torrent, TorrentRef):
+        swarm = plan.extras.get("swarm")
+        if not isinstance(swarm, Swarm):
             raise SourceError(f"peers: plan for {plan.repo}@{plan.commit[:12]} was not resolved by the peers source")
-        self.service.download(torrent, plan, entries, fill, progress)
+        skey = slot_key(plan.repo, plan.commit)
+        slots = self.service.gate.slots
+        self.service.download(swarm, plan, entries, fill, progress, alive=lambda: slots.busy(skey))
 
     def with_subpath(self, subpath: str | None) -> PeerSource:
         """The same swarm, with PVC origins looking in a model's ``pvcSubpath`` (factory.for_model)."""
