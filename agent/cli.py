@@ -95,7 +95,7 @@ def _peer_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--p2p-download-rate", metavar="BYTES",
                    help="download limit per second (default: 0, unlimited)")
     g.add_argument("--origin-concurrency", metavar="N",
-                   help="nodes per model filling from the other sources at once (default: 1)")
+                   help="nodes per model filling from the other sources at once, each its own stripe (default: 2)")
     g.add_argument("--origin-slots-dir", metavar="DIR",
                    help="directory shared by the agents of one host for origin slots (default: this process only)")
 

@@ -453,7 +453,7 @@ def peer_settings(args: Any, env: Mapping[str, str], f: Mapping[str, Any]) -> Pe
         peers=tuple(parse_peer_addr(p) for p in peer_values),
         upload_rate=parse_size(up if up is not None else f.get("p2pUploadRate", 0), "--p2p-upload-rate"),
         download_rate=parse_size(down if down is not None else f.get("p2pDownloadRate", 0), "--p2p-download-rate"),
-        origin_concurrency=int(number(conc if conc is not None else f.get("originConcurrency", 1),
+        origin_concurrency=int(number(conc if conc is not None else f.get("originConcurrency", 2),
                                       "--origin-concurrency", lo=1, hi=1000, integer=True)),
         slots_dir=Path(slots) if slots else None,
     )

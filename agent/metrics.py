@@ -139,6 +139,10 @@ class Metrics:
         self.fill_bytes.labels(kind).inc(nbytes)
         self.fill_duration.labels(kind).observe(seconds)
 
+    def fill_bytes_from(self, kind: str, nbytes: int) -> None:
+        """Bytes of a fill that another source delivered (an origin slot holder's other stripes, from peers)."""
+        self.fill_bytes.labels(kind).inc(nbytes)
+
     def fill_failed(self, source: str, reason: str) -> None:
         self.fill_failures.labels(source.split(":", 1)[0], reason).inc()
 

@@ -116,8 +116,8 @@ def run_seeder(args: argparse.Namespace) -> None:
     service = PeerService(peer_settings(args, seed_verify=args.seed_check == "verify"),
                           tuning=json.loads(args.tuning or "{}")).start()
     t0 = time.monotonic()
-    ih = service.seed(store, res.manifest).result()
-    emit({"ready": True, "bt_port": service.bt_port, "index_port": service.index_port, "info_hash": ih,
+    seeded = service.seed(store, res.manifest).result()
+    emit({"ready": True, "bt_port": service.bt_port, "index_port": service.index_port, "files": seeded,
           "hash_seconds": round(time.monotonic() - t0, 3), "bytes": res.manifest.total_bytes,
           "blobs": [str(store.layout.blob_path(REPO, f.digest)) for f in res.manifest.files]})
     for line in sys.stdin:
@@ -174,7 +174,7 @@ def run_leech(args: argparse.Namespace) -> None:
     service = PeerService(peer_settings(args, peers=(peer,)), tuning=json.loads(args.tuning or "{}")).start()
     pvc = PvcSource(Path(args.pvc))
     t0 = time.monotonic()
-    res = fill_model(Store(Path(args.cache)), [PeerSource(service, [pvc]), SlottedSource(pvc, service.gate)],
+    res = fill_model(Store(Path(args.cache)), [PeerSource(service, [pvc]), SlottedSource(pvc, service.gate, service)],
                      REPO, "main")
     wall = time.monotonic() - t0
     if not res.source.startswith("peers"):

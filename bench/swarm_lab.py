@@ -1,7 +1,7 @@
 """Swarm lab: N agents, each in its own network namespace, fill one model from a rate-limited origin Hub.
 
 Run as root from the repo root: ``nice -n 10 python -m bench.swarm_lab [--nodes 2,4,8] [--size 300M]
-[--node-rate 200] [--origin-rate 400] [--json out.json]``.
+[--node-rate 200] [--origin-rate 400] [--shards 16] [--origin-concurrency 2] [--json out.json]``.
 
     netns mcp<pid>o (origin: loopback Hub server, egress shaped to --origin-rate Mbit/s)
     netns mcp<pid>n<i> (agent i: PeerService on :6881, index :6882; eth0 egress = upload limit)
@@ -9,8 +9,10 @@ Run as root from the repo root: ``nice -n 10 python -m bench.swarm_lab [--nodes 
     netns mcp<pid>b: bridge br0; the bridge side of each node's veth shapes its download (tbf)
 
 Every agent runs the real fill path: sources ``[peers, hub]`` with origin slots in a directory all agents
-share (``originConcurrency`` 1): one agent fills from the Hub, the rest wait for its torrent and fill
-from the swarm; each seeds after publishing. Printed per N: time until all N are ready, the Kumar-Ross
+share (``--origin-concurrency``, default 2 as in the product): the slot holders read their byte-balanced
+stripes of the model from the Hub and share each file as soon as it is verified; everyone else takes each
+file from the swarm as it appears; each seeds after publishing. The model has ``--shards`` weight files
+(default 16: a 140 GB model has about 30 shards of 5 GB). Printed per N: time until all N are ready, the Kumar-Ross
 limit max(F/u_s, F/d, N*F/(u_s + N*u)) for those rates and the ratio, origin bytes / model size (what
 the Hub sent), bytes each agent got from peers, and what each uploaded and downloaded on the wire.
 ``LAB_TUNING='{...}'`` merges libtorrent settings in every agent (experiments); ``LAB_LOG=info`` with
@@ -46,6 +48,17 @@ MBIT = 1_000_000 / 8  # bytes/s per Mbit/s
 def kumar_ross(size: int, n: int, node_up: float, node_down: float, origin_up: float) -> float:
     """Minimum time to give N nodes F bytes: max(F/u_s, F/d, N*F/(u_s + N*u)) (rates in bytes/s)."""
     return max(size / origin_up, size / node_down, n * size / (origin_up + n * node_up))
+
+
+def cpu_times() -> tuple[int, int]:
+    """(busy, total) jiffies of the whole machine from /proc/stat: is the lab measuring the protocol or the box?"""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    return sum(fields) - idle, sum(fields)
+
+
+def cpu_busy(a: tuple[int, int], b: tuple[int, int]) -> float:
+    return (b[0] - a[0]) / max(1, b[1] - a[1])
 
 
 def emit(obj: dict[str, Any]) -> None:
@@ -87,11 +100,11 @@ def run_node(args: argparse.Namespace) -> None:
     log.configure(level=os.environ.get("LAB_LOG", "warning"), stream=sys.stderr)
     ps = PeerSettings(listen_host=args.host, port=args.port, index_port=args.index_port or None,
                       peers=tuple(parse_peer_addr(p) for p in args.peer or []),
-                      upload_rate=args.rate, download_rate=args.rate, origin_concurrency=1,
+                      upload_rate=args.rate, download_rate=args.rate, origin_concurrency=args.slots_cap,
                       slots_dir=Path(args.slots), poll_interval=0.2, stall_timeout=30, disk_io="pread")
     service = PeerService(ps, tuning=json.loads(os.environ.get("LAB_TUNING") or "{}")).start()
     hub = HubSource(SourceSettings(hf_endpoint=args.hub, timeout=60))
-    sources = [PeerSource(service, [hub]), SlottedSource(hub, service.gate)]
+    sources = [PeerSource(service, [hub]), SlottedSource(hub, service.gate, service)]
     store = Store(Path(args.cache))
     emit({"ready": True})
     sys.stdin.readline()  # go
@@ -255,6 +268,7 @@ class LabResult:
     sources: list[str]
     ready_at: list[float]  # seconds after go, per node, sorted
     mode: str  # "netns" | "loopback"
+    cpu_busy: float = 0.0  # share of the machine's CPU time busy from go to the last node ready
 
     @property
     def ratio(self) -> float:
@@ -264,20 +278,21 @@ class LabResult:
         mb = [round(b / 1e6) for b in self.peer_bytes]
         return (f"N={self.nodes:3d}  all ready {self.seconds:7.2f}s  limit {self.limit:6.2f}s  "
                 f"ratio {self.ratio:5.2f}  origin/model {self.origin_bytes / self.size:5.2f}  from peers MB {mb}  "
-                f"origin fills {sum(1 for s in self.sources if not s.startswith('peers'))}")
+                f"origin fills {sum(1 for s in self.sources if not s.startswith('peers'))}  "
+                f"cpu busy {self.cpu_busy:.0%}")
 
 
-def make_model(work: Path, size: int) -> Path:
+def make_model(work: Path, size: int, shards: int) -> Path:
     from agent.modelgen import make_model_dir
 
-    src = work / "model"
+    src = work / f"model-{size}-{shards}"
     if not src.is_dir():
-        make_model_dir(src, weight_bytes=size, shards=max(1, round(size / (128 << 20))))
+        make_model_dir(src, weight_bytes=size, shards=shards)
     return src
 
 
 def run_lab(n: int, src: Path, work: Path, *, node_rate: float, origin_rate: float, netns: bool,
-            logs: Path | None = None) -> LabResult:
+            logs: Path | None = None, slots: int = 2) -> LabResult:
     size = sum(p.stat().st_size for p in src.rglob("*") if p.is_file())
     tag = f"{os.getpid() % 100000}"
     run_dir = Path(tempfile.mkdtemp(prefix=f"lab{n}-", dir=work))
@@ -310,7 +325,7 @@ def run_lab(n: int, src: Path, work: Path, *, node_rate: float, origin_rate: flo
             peers = [f"{h}:{p}" for j, (h, p, _) in enumerate(hosts) if j != i]
             argv = ["node", "--host", host, "--port", str(port), "--index-port", str(index_port),
                     "--hub", url, "--cache", str(run_dir / f"n{i}"), "--slots", str(run_dir / "slots"),
-                    "--rate", str(rate)]
+                    "--rate", str(rate), "--slots-cap", str(slots)]
             for p in peers:
                 argv += ["--peer", p]
             w = Worker(argv, prefixes[i], log_for(f"node{i}"))
@@ -318,10 +333,12 @@ def run_lab(n: int, src: Path, work: Path, *, node_rate: float, origin_rate: flo
             nodes.append(w)
         for w in nodes:
             w.read()
+        cpu0 = cpu_times()
         go = time.time()
         for w in nodes:
             w.send("go")
         done = [w.read() for w in nodes]
+        busy = cpu_busy(cpu0, cpu_times())
         stats = []
         for w in nodes:
             w.send("stats")
@@ -334,9 +351,9 @@ def run_lab(n: int, src: Path, work: Path, *, node_rate: float, origin_rate: flo
         return LabResult(
             nodes=n, size=size, seconds=ready[-1],
             limit=kumar_ross(size, n, node_rate * MBIT, node_rate * MBIT, origin_rate * MBIT),
-            origin_bytes=served["file_bytes"], peer_bytes=[d["bytes"] if d["source"].startswith("peers") else 0
-                                                           for d in done],
-            sources=[d["source"] for d in done], ready_at=ready, mode="netns" if netns else "loopback")
+            origin_bytes=served["file_bytes"], peer_bytes=[x.get("verified_bytes", 0) for x in stats],
+            sources=[d["source"] for d in done], ready_at=ready, mode="netns" if netns else "loopback",
+            cpu_busy=busy)
     finally:
         for w in workers:
             w.stop()
@@ -357,10 +374,13 @@ def main(argv: list[str] | None = None) -> None:
     nd.add_argument("--index-port", type=int, default=0)
     nd.add_argument("--rate", type=int, default=0)
     nd.add_argument("--peer", action="append")
+    nd.add_argument("--slots-cap", type=int, default=2)
     ap.add_argument("--nodes", default="2,4,8")
     ap.add_argument("--size", type=parse_size, default=parse_size("300M"))
     ap.add_argument("--node-rate", type=float, default=200.0, help="Mbit/s up and down per node")
     ap.add_argument("--origin-rate", type=float, default=400.0, help="Mbit/s out of the origin")
+    ap.add_argument("--shards", type=int, default=16, help="weight files of the model")
+    ap.add_argument("--origin-concurrency", type=int, default=2, help="origin slots per model")
     ap.add_argument("--dir", help="work dir (the model is kept here between runs)")
     ap.add_argument("--loopback", action="store_true", help="skip namespaces even when available")
     ap.add_argument("--logs", help="write each process's stderr here")
@@ -380,13 +400,14 @@ def main(argv: list[str] | None = None) -> None:
     logs = Path(args.logs) if args.logs else None
     if logs:
         logs.mkdir(parents=True, exist_ok=True)
-    src = make_model(work, args.size)
+    src = make_model(work, args.size, args.shards)
     results = []
     print(f"model {sum(p.stat().st_size for p in src.rglob('*') if p.is_file()) / 1e6:.0f} MB; node "
-          f"{args.node_rate:g} Mbit/s up+down, origin {args.origin_rate:g} Mbit/s; load {os.getloadavg()[0]:.2f}")
+          f"{args.node_rate:g} Mbit/s up+down, origin {args.origin_rate:g} Mbit/s; {args.shards} shards, "
+          f"originConcurrency {args.origin_concurrency}; load {os.getloadavg()[0]:.2f}")
     for n in (int(x) for x in args.nodes.split(",")):
         res = run_lab(n, src, work, node_rate=args.node_rate, origin_rate=args.origin_rate, netns=problem is None,
-                      logs=logs)
+                      logs=logs, slots=args.origin_concurrency)
         results.append(res)
         print(res.line(), flush=True)
     if args.json:

@@ -1,39 +1,38 @@
 """A simulator of the peers protocol, checked against the swarm lab, then run at cluster scale.
 
-Run: ``python -m bench.swarm_sim [--lab lab.json]``. It prints the lab's scenarios (N = 2, 4, 8 at 200/400
-Mbit/s; with ``--lab`` the measured figures beside them and the error), then N = 100 and 1000 nodes with a
-140 GB model at 25 Gb/s per node and a 100 Gb/s origin: time until all are ready / the Kumar-Ross limit,
-and origin egress / model size, for the protocol as built ("model": a slot holder's torrent exists only
-once it holds, hashed, every byte) and for two pipelined variants it could grow into ("file": a torrent
-per file as it lands; "piece": pieces shareable as they land).
+Run: ``python -m bench.swarm_sim [--lab lab.json] [--nodes 100,1000]``. It prints the lab's scenarios
+(200/400 Mbit/s, the protocol as built; with ``--lab`` the measured figures beside them and the error),
+then N = 100 and 1000 nodes with a 140 GB model at 25 Gb/s per node and a 100 Gb/s origin: time until
+all are ready / the Kumar-Ross limit, and origin egress / model size, for the protocol as built ("file"
+torrents, ``originConcurrency`` 2 striped slots), the one it replaced ("model": a torrent per model, which
+exists only once a slot holder holds every byte) and variants ("file" with 1 or 4 slots, "piece": pieces
+shareable the moment they land).
 
 Assumptions (what is simplified, and why it is fair):
 - Time-stepped fluid transfers. Each node has an upload and a download capacity (bytes/s, payload:
   ``efficiency`` of the link rate). An uploader splits its upload equally over the links it is
   currently sending on (libtorrent here runs with ``unchoke_slots_limit = -1``: every interested peer
   is unchoked, so "choking" reduces to an equal split); a downloader whose offers exceed its download
-  capacity scales them down proportionally. No TCP dynamics, no latency beyond ``join_delay``.
+  capacity scales them down proportionally. No TCP dynamics, no latency beyond ``join_delay``, no CPU
+  limit (the lab's 2-core box is CPU-bound from N = 8 at 200 Mbit/s: see its ``cpu busy``).
 - A link carries one piece at a time, picked rarest-first (random tie-break per node) among pieces the
   uploader has and the downloader neither has nor is fetching on another link. libtorrent spreads a
   piece's 16 KiB blocks over several peers; one-piece-per-link is close when pieces are small against a
   node's transfer time. Large models are simulated with pieces grouped (``max_pieces``) to bound the run
   time; a grouped piece is still small against the whole transfer (>= 500 pieces).
 - Each node connects to ``connections`` random others (symmetric); the lab's nodes know all others.
-- Origin slots: ``slots`` nodes fetch the whole model from the origin, sharing ``origin_up`` equally,
-  each at most its download capacity. Origin egress is therefore ``slots`` x model size.
-- "model" granularity (built): a slot holder can share nothing until it holds every byte and has
-  computed the piece hashes (``build_rate`` bytes/s over the model); the others join ``join_delay``
-  later (index polling + connect). A leecher stops serving when its last piece lands (torrent removed,
-  files hashed, published) and serves again ``tail_bytes / verify_rate`` later as a seed.
-- "file" / "piece": the same with the holder's pieces released per file (after hashing that file) or as
-  they land. Not built; shown to size what pipelining would buy.
+- Origin slots: ``slots`` nodes read from the origin, sharing ``origin_up`` equally, each at most its
+  download capacity, which the origin read takes from its download link meanwhile. "model": each
+  holder reads the whole model (origin egress ``slots`` x model). "file"/"piece": holder ``j`` reads its
+  byte-balanced stripe (``core.torrent.stripe``) and leeches the rest like any node (egress 1 x model).
+- "model": a holder shares nothing until it holds every byte and has hashed it (``build_rate``); a
+  leecher stops serving when its last piece lands (torrent removed, files hashed, published) and serves
+  again ``tail_bytes / verify_rate`` later. "file": a holder's file is shared ``file / build_rate``
+  after it landed (piece hashes of that file), a node that finished files keeps serving them. The
+  others join ``join_delay`` after the first file appears (index poll + connect).
 
-Measured (``python -m bench.swarm_sim --lab lab.json``; lab: 315 MB, 2-core VM, load 2.2, 15 at N=16):
-    N=2  sim 29.43s lab 27.76s (+6%)    N=4  sim 33.11s lab 32.14s (+3%)
-    N=8  sim 32.08s lab 34.55s (-7%)    N=16 sim 32.60s lab 39.92s (-18%)
-    140 GB, 25 Gb/s, 100 Gb/s origin:   model (built)  file          piece
-      N=100   time/limit                 3.36           1.98          1.91       origin/model 1.00
-      N=1000  time/limit                 3.48           2.07          2.02       origin/model 1.00
+Measured: see ``python -m bench.swarm_sim --lab lab.json`` and the notes of issue 13 (the figures move
+with the machine's load, so they are not pinned here).
 """
 
 from __future__ import annotations
@@ -107,20 +106,34 @@ def simulate(sc: Scenario) -> SimResult:
     k = min(sc.slots, n)
     origin_each = min(down, sc.origin_rate * sc.efficiency / k)
 
-    # when each piece becomes shareable at the slot holders
-    t_fetch = sc.origin_setup + np.arange(1, m + 1) * piece / origin_each  # piece p has landed
-    t_fetch[-1] = sc.origin_setup + sc.size / origin_each
-    if sc.granularity == "piece":
-        release = t_fetch.copy()
-    elif sc.granularity == "file":
-        per_file = sc.file_size or sc.size
-        file_of = np.minimum(((np.arange(m) * piece) // per_file).astype(int), math.ceil(sc.size / per_file) - 1)
-        file_end = np.array([t_fetch[file_of == f].max() for f in range(file_of.max() + 1)])
-        file_bytes = np.array([min(per_file, sc.size - f * per_file) for f in range(file_of.max() + 1)])
-        release = (file_end + file_bytes / sc.build_rate)[file_of]
-    else:
-        release = np.full(m, t_fetch[-1] + sc.size / sc.build_rate)
-    holder_ready = float(t_fetch[-1])  # a holder's own fill is verified in-line with the fetch
+    # release[j, p]: when slot holder j can share piece p from its own origin fill (inf: not in its stripe)
+    release = np.full((k, m), np.inf)
+    striped = sc.granularity != "model"
+    per_file = sc.file_size or sc.size
+    nfiles = math.ceil(sc.size / per_file)
+    file_of = np.minimum(((np.arange(m) * piece) // per_file).astype(int), nfiles - 1)
+    file_bytes = np.array([min(per_file, sc.size - f * per_file) for f in range(nfiles)])
+    # stripes as core.torrent.stripe: a file belongs to the holder in whose 1/k of the bytes its middle lies
+    starts = np.concatenate([[0.0], np.cumsum(file_bytes)[:-1]])
+    owner = np.minimum(k - 1, ((2 * starts + file_bytes) * k // (2 * sc.size)).astype(int)) if striped \
+        else np.zeros(nfiles, dtype=int)
+    for j in range(k):
+        mine = np.flatnonzero(owner[file_of] == j) if striped else np.arange(m)
+        if not len(mine):
+            continue
+        t_fetch = sc.origin_setup + np.arange(1, len(mine) + 1) * piece / origin_each  # piece has landed
+        if sc.granularity == "piece":
+            release[j, mine] = t_fetch
+        elif sc.granularity == "file":
+            fo = file_of[mine]
+            ends = {f: t_fetch[fo == f].max() for f in np.unique(fo)}
+            release[j, mine] = [ends[f] + file_bytes[f] / sc.build_rate for f in fo]
+        else:
+            release[j, mine] = t_fetch[-1] + sc.size / sc.build_rate
+    holder_ready = sc.origin_setup + sc.size / origin_each  # model: a holder's own fill, verified in-line
+    # while a holder reads its stripe, the origin takes origin_each of its download link
+    fetch_end = np.where(np.isfinite(release), release, -np.inf).max(1) if striped else np.full(k, np.inf)
+    room = np.full(n, down)
 
     have = np.zeros((n, m), dtype=bool)
     inprog = np.zeros((n, m), dtype=bool)
@@ -152,7 +165,9 @@ def simulate(sc: Scenario) -> SimResult:
     serving_from = np.full(n, np.inf)  # when a node serves (again)
     ready = np.full(n, np.inf)
     peer_bytes = np.zeros(n)
-    released = np.zeros(m, dtype=bool)
+    released = np.zeros((k, m), dtype=bool)
+    if striped:  # a holder never asks peers for its own stripe
+        inprog[:k] = np.isfinite(release)
 
     dt = piece / down / 4
     t = 0.0
@@ -163,15 +178,19 @@ def simulate(sc: Scenario) -> SimResult:
         newly = (~released) & (release <= t)
         if newly.any():
             released |= newly
-            have[:k, newly] = True
-            avail[newly] += k
+            have[:k] |= newly
+            avail += newly.sum(0)
             serving_from[:k] = np.minimum(serving_from[:k], first_release)
-        if t >= holder_ready:
+            for j in range(k):
+                if striped and have[j].all() and not np.isfinite(done_at[j]):
+                    done_at[j] = t
+                    ready[j] = t + min(per_file, sc.size) / sc.verify_rate
+        if not striped and t >= holder_ready:
             ready[:k] = np.minimum(ready[:k], holder_ready)
         if t >= first_release + sc.join_delay:
             joined[k:] = np.minimum(joined[k:], first_release + sc.join_delay)
 
-        leeching = (joined <= t) & ~np.isfinite(done_at) & ~is_holder
+        leeching = (joined <= t) & ~np.isfinite(done_at) & (~is_holder if not striped else True)
         serving = (serving_from <= t) | leeching  # a leecher shares what it has; a finished one after publish
         count = have.sum(1)
         # assign pieces to idle links whose uploader gained pieces since the last miss
@@ -199,7 +218,8 @@ def simulate(sc: Scenario) -> SimResult:
         n_up = np.bincount(lu[links], minlength=n)
         offer = up * dt / n_up[lu[links]]
         want = np.bincount(ld[links], weights=offer, minlength=n)
-        scale = np.where(want > down * dt, down * dt / np.maximum(want, 1e-9), 1.0)
+        room[:k] = np.where(t < fetch_end, max(0.0, down - origin_each), down)
+        scale = np.where(want > room * dt, room * dt / np.maximum(want, 1e-9), 1.0)
         got = offer * scale[ld[links]]
         lb[links] += got
         np.add.at(peer_bytes, ld[links], got)
@@ -215,6 +235,9 @@ def simulate(sc: Scenario) -> SimResult:
                 done_at[d] = t
                 tail = min(sc.file_size or sc.size, sc.size)
                 ready[d] = t + tail / sc.verify_rate
+                if striped:  # per-file torrents: every finished file is shared on; only the last one waits
+                    serving_from[d] = min(serving_from[d], t)
+                    continue
                 serving_from[d] = ready[d]  # torrent removed while hashing and publishing, re-added as a seed
                 for li in np.flatnonzero(lu == d):  # its uploads stop meanwhile
                     if lp[li] >= 0:
@@ -223,17 +246,19 @@ def simulate(sc: Scenario) -> SimResult:
                         tried[ld == ld[li]] = -1
         if t > 100 * sc.limit + 1000:
             raise RuntimeError(f"simulation did not converge: {int(np.isfinite(ready).sum())}/{n} ready at {t:.0f}s")
-    return SimResult(sc, float(ready.max()), sorted(float(r) for r in ready), k * sc.size,
+    return SimResult(sc, float(ready.max()), sorted(float(r) for r in ready), (1 if striped else k) * sc.size,
                      [float(b) for b in peer_bytes])
 
 
-def lab_scenario(n: int, size: float, **kw: float) -> Scenario:
-    """The lab's settings: 1 MiB pieces (piece rule for a few hundred MB), 128 MiB shards, all peers known."""
+def lab_scenario(n: int, size: float, *, shards: int = 16, slots: int = 2,
+                 granularity: Granularity = "file") -> Scenario:
+    """The lab's settings: 1 MiB pieces (piece rule for files of a few hundred MB and less), ``shards``
+    weight files, all peers known, ``slots`` origin slots."""
     return Scenario(nodes=n, size=size, piece=1 << 20, node_rate=200 * MBIT, origin_rate=400 * MBIT,
-                    file_size=128 << 20, **kw)  # type: ignore[arg-type]
+                    file_size=size / shards, slots=slots, granularity=granularity)
 
 
-def cluster_scenario(n: int, granularity: Granularity) -> Scenario:
+def cluster_scenario(n: int, granularity: Granularity, slots: int = 2) -> Scenario:
     """140 GB, 16 MiB pieces, 5 GB shards, 25 Gb/s nodes, 100 Gb/s origin, 50 connections per node.
 
     build_rate 5 GB/s: the holder hashes its blobs with one thread per core from NVMe; verify_rate
@@ -241,7 +266,7 @@ def cluster_scenario(n: int, granularity: Granularity) -> Scenario:
     """
     return Scenario(nodes=n, size=140e9, piece=16 << 20, node_rate=25 * GBIT, origin_rate=100 * GBIT,
                     connections=50, file_size=5e9, build_rate=5e9, verify_rate=1.4e9, join_delay=1.0,
-                    origin_setup=2.0, granularity=granularity, max_pieces=600)
+                    origin_setup=2.0, granularity=granularity, max_pieces=600, slots=slots)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -250,12 +275,15 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--size", type=float, default=300e6, help="lab model bytes when no --lab is given")
     ap.add_argument("--nodes", default="100,1000", help="cluster-scale N")
     ap.add_argument("--quick", action="store_true", help="small cluster runs only (CI)")
+    ap.add_argument("--shards", type=int, default=16, help="lab model weight files (as bench.swarm_lab)")
+    ap.add_argument("--slots", type=int, default=2, help="lab origin slots (as bench.swarm_lab)")
     args = ap.parse_args(argv)
     measured = json.loads(Path(args.lab).read_text()) if args.lab else []
     lab_runs = [(r["nodes"], r["size"], r) for r in measured] or [(n, args.size, None) for n in (2, 4, 8)]
-    print("lab scenarios (200 Mbit/s nodes, 400 Mbit/s origin):")
+    print(f"lab scenarios (200 Mbit/s nodes, 400 Mbit/s origin, {args.shards} shards, built: file torrents, "
+          f"{args.slots} striped slots):")
     for n, size, r in lab_runs:
-        sim = simulate(lab_scenario(n, size))
+        sim = simulate(lab_scenario(n, size, shards=args.shards, slots=args.slots))
         line = sim.line()
         if r is not None:
             lab_ratio = r["seconds"] / r["limit"]
@@ -263,14 +291,15 @@ def main(argv: list[str] | None = None) -> None:
             line += f" | lab {r['seconds']:.2f}s ratio {lab_ratio:.2f} origin/model {r['origin_bytes'] / r['size']:.2f}"
             line += f" | sim error {err:+.0%}"
         print("  " + line, flush=True)
-    print("cluster (140 GB, 25 Gb/s nodes, 100 Gb/s origin, originConcurrency 1):")
+    print("cluster (140 GB, 25 Gb/s nodes, 100 Gb/s origin): slots, granularity")
+    variants = [("model", 1), ("file", 1), ("file", 2), ("file", 4), ("piece", 2)]
     for n in (int(x) for x in args.nodes.split(",")):
-        for g in ("model", "file", "piece"):
-            sc = cluster_scenario(n, g)  # type: ignore[arg-type]
+        for g, k in variants:
+            sc = cluster_scenario(n, g, k)  # type: ignore[arg-type]
             if args.quick:
                 sc = replace(sc, max_pieces=64)
-            print("  " + simulate(sc).line(), flush=True)
-
+            built = "  <- built (default originConcurrency 2)" if (g, k) == ("file", 2) else ""
+            print(f"  slots {k} " + simulate(sc).line() + built, flush=True)
 
 if __name__ == "__main__":
     main()

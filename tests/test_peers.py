@@ -415,8 +415,8 @@ def test_full_disk_on_a_leecher_fails_cleanly(small_fs: Path, origin: Origin, ma
 def test_waiting_node_fills_from_the_slot_holder(tmp_path: Path, origin: Origin,
                                                  make_node: Callable[..., Node]) -> None:
     slots = tmp_path / "slots"
-    a = make_node("a", slots_dir=slots)
-    b = make_node("b", host="127.0.0.2", peers=(a,), slots_dir=slots)
+    a = make_node("a", slots_dir=slots, origin_concurrency=1)
+    b = make_node("b", host="127.0.0.2", peers=(a,), slots_dir=slots, origin_concurrency=1)
     key = f"{REPO}@{origin.commit}"
     assert a.service.gate.decide(key) == "held"  # a got the only slot first
     out: list[FillResult | BaseException] = []
@@ -444,8 +444,8 @@ def test_waiting_node_fills_from_the_slot_holder(tmp_path: Path, origin: Origin,
 def test_node_without_a_slot_never_reads_the_origin(tmp_path: Path, origin: Origin,
                                                     make_node: Callable[..., Node]) -> None:
     slots = tmp_path / "slots"
-    a = make_node("a", slots_dir=slots)
-    b = make_node("b", host="127.0.0.2", peers=(a,), slots_dir=slots, holder_wait=0.3)
+    a = make_node("a", slots_dir=slots, origin_concurrency=1)
+    b = make_node("b", host="127.0.0.2", peers=(a,), slots_dir=slots, holder_wait=0.3, origin_concurrency=1)
     assert a.service.gate.decide(f"{REPO}@{origin.commit}") == "held"  # a holds it and never seeds
     with pytest.raises(FillFailed) as exc:
         b.fill(origin.source())
@@ -503,8 +503,8 @@ def test_a_follower_takes_each_file_while_the_holder_is_still_filling(tmp_path: 
     """Pipelining: the holder shares a file the moment it is verified in its staging, so a follower has it
     (verified in its own staging) while the holder's origin fill is frozen and nothing is published yet."""
     slots = tmp_path / "slots"
-    a = make_node("a", slots_dir=slots)
-    b = make_node("b", host="127.0.0.2", peers=(a,), slots_dir=slots)
+    a = make_node("a", slots_dir=slots, origin_concurrency=1)
+    b = make_node("b", host="127.0.0.2", peers=(a,), slots_dir=slots, origin_concurrency=1)
     plan = origin.source().resolve(REPO, "main", FileFilter())
     shard = min((e for e in plan.files if e.path.endswith(".safetensors")), key=lambda e: e.path)
     slow, b_origin = OriginTap(origin.source(), hold_after=shard.path), OriginTap(origin.source())
@@ -526,6 +526,39 @@ def test_a_follower_takes_each_file_while_the_holder_is_still_filling(tmp_path: 
     assert staging_leftovers(b.store) == []
     a.seed(res_a.manifest)  # staged seeds move to the published blobs: still one torrent per file
     assert len(a.service.seeding()) == len([e for e in plan.files if e.size])
+
+
+def test_a_holder_dying_mid_fill_leaves_the_follower_only_the_rest_to_read(tmp_path: Path, origin: Origin,
+                                                                         make_node: Callable[..., Node]) -> None:
+    """The holder is killed after sharing its first files: the follower gives up on the swarm once the slot
+    is free, and its next attempt takes the slot and reads from the origin only what it had not verified."""
+    slots = tmp_path / "slots"
+    a = make_node("a", slots_dir=slots, origin_concurrency=1)
+    b = make_node("b", host="127.0.0.2", peers=(a,), slots_dir=slots, stall_timeout=1.0, origin_concurrency=1)
+    plan = origin.source().resolve(REPO, "main", FileFilter())
+    shard = min((e for e in plan.files if e.path.endswith(".safetensors")), key=lambda e: e.path)
+    slow, b_origin = OriginTap(origin.source(), hold_after=shard.path), OriginTap(origin.source())
+    a_stop = threading.Event()
+    ta, _ = in_thread(lambda: a.fill(slow, stop=a_stop))  # type: ignore[arg-type]
+    assert slow.reached.wait(20)
+    tb, out_b = in_thread(lambda: b.fill(b_origin))  # type: ignore[arg-type]
+    staged = b.store.layout.staging_dir(REPO) / plan.commit / "blobs" / (shard.digest or "")
+    assert wait_for(staged.exists, 20)
+    a.service.stop()  # the holder dies: its slot and its torrents are gone
+    a_stop.set()
+    slow.go.set()
+    ta.join(30)
+    tb.join(30)
+    first = out_b[0]
+    assert isinstance(first, FillFailed) and not first.permanent, first  # the loop retries it later
+    assert b_origin.fetched == []  # while a slot was held by another node, b never read the origin
+    with structlog.testing.capture_logs() as events:
+        res = b.fill(b_origin)
+    assert res.source == origin.source().label
+    had = {e.path for e in plan.files if e.path.encode() <= shard.path.encode()}  # what a shared before dying
+    assert set(b_origin.fetched) == {e.path for e in plan.files} - had  # only the rest came from the origin
+    assert any(e["event"] == "peers.origin_slot" for e in events)
+    assert b.store.check(res.manifest, full=True).ok and staging_leftovers(b.store) == []
 
 
 def test_two_holders_read_disjoint_stripes_and_swap(tmp_path: Path, origin: Origin,
@@ -553,6 +586,9 @@ def test_two_holders_read_disjoint_stripes_and_swap(tmp_path: Path, origin: Orig
     assert shards[0] in tap_a.fetched and shards[1] in tap_b.fetched  # by bytes: one shard each
     assert snapshot(a.store, origin.commit) == snapshot(b.store, origin.commit)
     assert a.store.check(out_a[0].manifest, full=True).ok and b.store.check(out_b[0].manifest, full=True).ok
+    size = {e.path: e.size for e in plan.files}
+    for res, tap in ((out_a[0], tap_a), (out_b[0], tap_b)):  # what each took from peers is reported as such
+        assert res.peer_bytes == sum(n for p, n in size.items() if p not in tap.fetched) > 0
     stripes = sorted((e["slot"], e["files"]) for e in events if e["event"] == "peers.origin_stripe")
     assert [s for s, _ in stripes] == [0, 1] and all(n > 0 for _, n in stripes)
 
@@ -614,10 +650,16 @@ def test_cli_fill_from_peers(tmp_path: Path, origin: Origin, make_node: Callable
     seed = make_node("seed", port=port)
     seed.seed(fill_model(seed.store, [origin.source()], REPO, "main").manifest)
     assert seed.service.bt_port == port and seed.service.index_port == port + 1
-    out = subprocess.run(agent_cmd("fill", REPO, "--source", "peers", "--source", f"pvc:{origin.root}",
-                                   "--peer", f"127.0.0.1:{port}", "--p2p-port", "0",
-                                   "--cache-dir", str(tmp_path / "cli"), "--json"),
-                         capture_output=True, text=True, timeout=60)
+    err = tmp_path / "cli.stderr"
+    with err.open("w") as f:
+        try:
+            out = subprocess.run(agent_cmd("fill", REPO, "--source", "peers", "--source", f"pvc:{origin.root}",
+                                           "--peer", f"127.0.0.1:{port}", "--p2p-port", "0",
+                                           "--cache-dir", str(tmp_path / "cli"), "--json"),
+                                 stdout=subprocess.PIPE, stderr=f, text=True, timeout=60)
+        except subprocess.TimeoutExpired:
+            pytest.fail("the CLI fill did not end in 60 s; its log:\n" + err.read_text()[-4000:])
+    out.stderr = err.read_text()
     assert out.returncode == 0, out.stderr
     res = json.loads(out.stdout)
     assert res["source"].startswith("peers") and res["level"] == "verified" and res["commit"] == origin.commit

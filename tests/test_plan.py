@@ -90,6 +90,18 @@ def test_busy_model_waits_for_its_outcome_then_is_ready_and_reported_once() -> N
     end = step({"m": s}, {"m": ok(s)}, mid.statuses, busy=frozenset({"m"}), outcomes=(done,))
     assert end.ready == {"m"} and [e.reason for e in end.events] == ["FillSucceeded"]
     assert ("fill_done", ("pvc:/x", 9, 0.0)) in [(c.kind, c.args) for c in end.counts]
+    assert not any(c.kind == "fill_bytes_from" for c in end.counts)
+
+
+def test_a_slot_holders_bytes_are_counted_by_where_they_came_from() -> None:
+    """An origin slot holder read one stripe from the PVC and took the rest from peers: the metrics say so."""
+    s = spec("m")
+    prev = {"m": ModelStatus("m", state="filling")}
+    done = FillOutcome("m", True, source="pvc:/x", fetched_files=4, fetched_bytes=100, commit=C1, level="verified",
+                       spec=s, peer_bytes=60)
+    end = step({"m": s}, {"m": ok(s)}, prev, busy=frozenset({"m"}), outcomes=(done,))
+    counts = [(c.kind, c.args) for c in end.counts]
+    assert ("fill_done", ("pvc:/x", 40, 0.0)) in counts and ("fill_bytes_from", ("peers", 60)) in counts
 
 
 def test_failed_fill_backs_off_and_retries_when_due() -> None:

@@ -69,6 +69,12 @@ class Fill:
         self._mu = threading.Lock()
         self.on_complete: list[Callable[[FileEntry, ManifestFile, Path], None]] = []
         self.on_published: list[Callable[[Manifest], None]] = []  # staged blobs have moved into hub/
+        self.bytes_from: dict[str, int] = {}  # verified bytes by where they came from, when not the fill's source
+
+    def fetched_from(self, kind: str, nbytes: int) -> None:
+        """Count bytes of this fill that another source delivered (a slot holder's stripes from peers)."""
+        with self._mu:
+            self.bytes_from[kind] = self.bytes_from.get(kind, 0) + nbytes
 
     def check_stop(self) -> None:
         """Raise ``Cancelled`` once the fill was asked to stop; sources call it between chunks."""

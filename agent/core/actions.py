@@ -50,6 +50,7 @@ class FillOutcome:
     shortfall: int = 0  # out of room: bytes missing, which eviction may free
     spec: ModelSpec | None = None  # the spec the fill worked for (the desired one may have changed since)
     repair: bool = False  # the fill was a repair of a model that had been ready
+    peer_bytes: int = 0  # of fetched_bytes, delivered by peers though the fill's source is an origin
 
 
 @dataclass(frozen=True)
@@ -271,7 +272,10 @@ def _model(
     if outcome is not None and not outcome.cancelled:
         if outcome.ok:
             kind = "Repaired" if outcome.repair else "FillSucceeded"
-            out.counts.append(Count("fill_done", (outcome.source, outcome.fetched_bytes, outcome.seconds)))
+            out.counts.append(Count("fill_done", (outcome.source, outcome.fetched_bytes - outcome.peer_bytes,
+                                                  outcome.seconds)))
+            if outcome.peer_bytes:
+                out.counts.append(Count("fill_bytes_from", ("peers", outcome.peer_bytes)))
             if outcome.repair:
                 out.counts.append(Count("repaired"))
             if st.waiting_since:

@@ -117,31 +117,26 @@ class LeaseSlots:
         return None
 
     def busy(self, key: str) -> bool:
-        """True while a slot is held; the holders' addresses go to ``on_holders`` (a holder learns the others')."""
+        return self.held_count(key) > 0
+
+    def held_count(self, key: str) -> int:
+        """Slots of ``key`` held (an unreadable one counts as held: better wait than send everyone to the
+        origin). The holders' addresses go to ``on_holders``: a holder learns where the other stripes are."""
         now = self.clock()
-        held, holders = False, []
+        held, holders = 0, []
         for i in range(self.cap):
             try:
                 obs = self._look(slot_lease_name(key, i))
             except KubeApiError:
-                return True  # cannot tell: assume someone fills, rather than send everyone to the origin
+                held += 1
+                continue
             if not obs.free_for("", now):
-                held = True
+                held += 1
                 if obs.holder and obs.holder != self.identity and (addr := holder_address(obs.holder)):
                     holders.append(addr)
         if holders and self.on_holders is not None:
             self.on_holders(holders)
         return held
-
-    def held_count(self, key: str) -> int:
-        now = self.clock()
-        n = 0
-        for i in range(self.cap):
-            try:
-                n += not self._look(slot_lease_name(key, i)).free_for("", now)
-            except KubeApiError:
-                n += 1  # cannot tell: count it as held (see busy)
-        return n
 
     def drop(self, key: str) -> None:
         slot = self.seeding.get(key)

@@ -34,6 +34,7 @@ class FillResult:
     fetched_bytes: int
     seconds: float
     record: ModelRecord | None = None  # written when the fill was for a named model (the agent loop)
+    peer_bytes: int = 0  # of fetched_bytes, what peers delivered to a fill whose source is an origin (stripes)
 
 
 def describe_attempts(attempts: Sequence[tuple[str, BaseException]]) -> str:
@@ -167,7 +168,8 @@ def _fill_from(
     secs = time.monotonic() - t0
     blog.info("fill.done", commit=plan.commit, files=len(needed), bytes=total, seconds=round(secs, 3),
               verification=manifest.level)
-    return FillResult(manifest, src.label, len(needed), total, secs, record)
+    peer_bytes = 0 if src.kind == "peers" else fill.bytes_from.get("peers", 0)
+    return FillResult(manifest, src.label, len(needed), total, secs, record, peer_bytes)
 
 
 def _fetch_with_one_retry(

@@ -53,6 +53,7 @@ class Observer(Protocol):
     """Metrics hooks (counters and histograms); state gauges are read from ``view``."""
 
     def fill_done(self, source: str, nbytes: int, seconds: float) -> None: ...
+    def fill_bytes_from(self, kind: str, nbytes: int) -> None: ...
     def fill_failed(self, source: str, reason: str) -> None: ...
     def verify_failed(self, reason: str) -> None: ...
     def repaired(self) -> None: ...
@@ -387,7 +388,7 @@ class Loop:
                 _run_hook(hook, m)
             return FillOutcome(name, True, source=res.source, fetched_files=res.fetched_files,
                                fetched_bytes=res.fetched_bytes, seconds=res.seconds, commit=m.commit, level=m.level,
-                               spec=spec, repair=action.repair)
+                               spec=spec, repair=action.repair, peer_bytes=res.peer_bytes)
         except Cancelled as e:
             blog.info("loop.fill_stopped", error=str(e))
             if not self._stop.is_set():  # dropped from the desired set (not a shutdown): its partial files go too

@@ -5,7 +5,7 @@
     a torrent finished -> (verify pool) flush, remove, hash against the trusted digest, Fill.complete,
         which shares the file from this node's staging at once (PeerService.share_fill)
     no bytes for stall_timeout while torrents run, or nobody lists a file for holder_wait while a slot
-        holder fills (stall_timeout when none does) -> TransientSourceError: the next source
+        holder fills (ten index polls when none does) -> TransientSourceError: the next source
 
 A slot holder lists each file the moment it has verified it, so the rest of the cluster follows the
 origin fill one file behind instead of one whole model behind.
@@ -44,6 +44,8 @@ RECONNECT_EVERY = 2.0
 FLUSH_TIMEOUT = 60.0
 VERIFY_THREADS = min(8, max(1, (os.cpu_count() or 2) // 2))  # files finishing together are hashed in parallel
 ALIVE_EVERY = 5.0  # seconds between asks whether a slot holder still fills (a Lease read in a cluster)
+BUSY_POLL = 2.0  # seconds between index polls while two or more files download
+NO_HOLDER_POLLS = 10  # with no holder filling, files nobody lists are given up after this many index polls
 
 
 @dataclass
@@ -105,7 +107,10 @@ class SwarmDownload:
                 if svc.closing.is_set():
                     raise Cancelled("peers: the p2p service is stopping")
                 now = svc.clock()
-                if pending and now - last_look >= ps.poll_interval:
+                # With two files downloading the next one is not urgent: ask the holders' indexes less often
+                # (at 1000 nodes every follower polls the same one or two slot holders).
+                every = ps.poll_interval if len(active) < 2 else max(ps.poll_interval, BUSY_POLL)
+                if pending and now - last_look >= every:
                     last_look = now
                     found = svc.find_files(self.swarm)
                     for path, ft in list(pending.items()):
@@ -150,7 +155,8 @@ class SwarmDownload:
                     if now >= next_alive:
                         holder_alive = self.alive()
                         next_alive = now + ALIVE_EVERY
-                    limit = ps.holder_wait if holder_alive else ps.stall_timeout
+                    limit = (ps.holder_wait if holder_alive
+                             else min(ps.stall_timeout, NO_HOLDER_POLLS * ps.poll_interval))
                     if now - max(last_new, last_progress) > limit:
                         first = next(iter(pending))
                         raise TransientSourceError(
@@ -190,7 +196,7 @@ class SwarmDownload:
 
     def _finish(self, a: _Active) -> None:
         """Flush, remove the torrent (libtorrent lets go of the file), hash, hand the file to the store."""
-        from agent.sources.peers.service import _write_info_cache
+        from agent.sources.peers.service import _info_cache_path, _write_info_cache
 
         svc, fill, t, e = self.svc, self.fill, a.t, a.entry
         before = t.flushes
@@ -217,12 +223,15 @@ class SwarmDownload:
         try:
             fill.complete(e, d)
         except IntegrityError:
+            with contextlib.suppress(OSError):  # never seed real bytes under this torrent's piece hashes
+                _info_cache_path(fill.store, a.ft.key).unlink()
             svc.reject(a.ref)
             self.log.error("peers.digest_mismatch", file=e.path, hash_failures=t.hash_failures,
                            error="bytes from peers passed the piece hashes but not the trusted digest")
             svc.stats_bytes["rejected"] += e.size
             raise
         svc.stats_bytes["downloaded"] += e.size
+        fill.fetched_from("peers", e.size)
 
     def _forget(self, a: _Active) -> None:
         with self.svc._mu:

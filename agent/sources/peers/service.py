@@ -453,7 +453,7 @@ class PeerService:
         """Serve ``path`` as ``ft``'s torrent (read only). A staged seed of the same file is replaced."""
         with self._mu:
             old = self._seeds.get(ft.key)
-        if old is not None and not old.staged:
+        if (old is not None and not old.staged) or self._closing.is_set():
             return False
         info = self._cached_info(store, ft)
         if info is None:
@@ -480,10 +480,12 @@ class PeerService:
         return True
 
     def _drop_seed(self, seed: _Seed, *, wait: bool = False) -> None:
+        """Stop serving one file (a no-op for a seed already dropped or replaced)."""
         t = _Transfer()
         with self._mu:
-            if self._seeds.get(seed.key) is seed:
-                del self._seeds[seed.key]
+            if self._seeds.get(seed.key) is not seed:
+                return
+            del self._seeds[seed.key]
             keys = self._listing.get(seed.ckey)
             if keys is not None:
                 keys.discard(seed.key)
@@ -496,8 +498,7 @@ class PeerService:
             self._ses.remove_torrent(seed.handle)
         if wait:
             try:
-                if not t.removed.wait(REMOVE_TIMEOUT):
-                    log.warning("peers.remove_slow", seconds=REMOVE_TIMEOUT)
+                self._wait_removed(t, REMOVE_TIMEOUT)
             finally:
                 with self._mu:
                     if self._transfers.get(seed.info_hash) is t:
@@ -545,8 +546,9 @@ class PeerService:
 
     def _seed_file_error(self, seed: _Seed, message: str) -> None:
         """A seeded file cannot be read (a staged file dropped by a failed fill, a blob evicted): stop serving it."""
-        log.warning("peers.seed_unreadable", repo=seed.repo, commit=seed.commit[:12], staged=seed.staged,
-                    error=message)
+        # A staged file moves into hub/ at publish: a read in the moment before its seed moves too is expected.
+        (log.info if seed.staged else log.warning)("peers.seed_unreadable", repo=seed.repo, commit=seed.commit[:12],
+                                                   staged=seed.staged, error=message)
         self._drop_seed(seed)
 
     # -- downloading -------------------------------------------------------------------------------
@@ -587,8 +589,17 @@ class PeerService:
         with self._mu:
             if self._ses is not None:
                 self._ses.remove_torrent(handle, lt.session.delete_files if delete else 0)
-        if not t.removed.wait(REMOVE_TIMEOUT if delete else FLUSH_TIMEOUT):
-            log.warning("peers.remove_slow", seconds=REMOVE_TIMEOUT if delete else FLUSH_TIMEOUT)
+        self._wait_removed(t, REMOVE_TIMEOUT if delete else FLUSH_TIMEOUT)
+
+    def _wait_removed(self, t: _Transfer, timeout: float) -> None:
+        """Wait for libtorrent's torrent_removed alert; a stopping service reads no more alerts, so stop waiting."""
+        deadline = time.monotonic() + timeout
+        while not t.removed.wait(0.1):
+            if self._closing.is_set():
+                return
+            if time.monotonic() > deadline:
+                log.warning("peers.remove_slow", seconds=timeout)
+                return
 
     def _connect(self, handle: Any, peers: Sequence[PeerAddr]) -> None:
         own = {self.bt_port}
@@ -608,7 +619,8 @@ class PeerService:
         with self._mu:
             if self._ses is None:
                 return {}
-            return {**self._wire, "seeding": len(self._seeds),
+            return {**self._wire, "seeding": len({(s.repo, s.commit) for s in self._seeds.values() if not s.staged}),
+                    "seeding_files": len(self._seeds),
                     "verified_bytes": self.stats_bytes["downloaded"], "rejected_bytes": self.stats_bytes["rejected"]}
 
 

@@ -46,7 +46,7 @@ class PeerSettings:
     peers: tuple[PeerAddr, ...] = ()  # static peers (file mode)
     upload_rate: int = 0
     download_rate: int = 0
-    origin_concurrency: int = 1  # nodes per model that fetch from the configured sources at once
+    origin_concurrency: int = 2  # nodes per model that fetch from the configured sources at once
     slots_dir: Path | None = None  # shared dir for file-mode origin slots (flock); None: this process only
     disk_io: str = "pread"  # libtorrent disk backend: pread | posix | mmap (see bench/fill_peers.py)
     seed_verify: bool = False  # SHA-1 every piece before serving it, even from blobs the store vouches for

@@ -310,6 +310,11 @@ class SlottedSource:
         self.inner.fetch(plan, own, fill, progress)
         if not rest:
             return
+        keys = {ft.entry.path: ft.key for ft in swarm.files}
+        listed = set(self.peers.find_files(swarm)) & {keys.get(e.path) for e in rest}
+        if not listed and not self.gate.others_filling(key):
+            self.inner.fetch(plan, rest, fill, progress)  # alone after all: nobody else will bring the rest
+            return
         try:
             self.peers.download(swarm, plan, rest, fill, progress, alive=lambda: self.gate.others_filling(key))
         except (SourceError, IntegrityError) as err:  # not a full disk, not Cancelled: those end the fill
