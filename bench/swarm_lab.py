@@ -101,7 +101,7 @@ def run_node(args: argparse.Namespace) -> None:
     ps = PeerSettings(listen_host=args.host, port=args.port, index_port=args.index_port or None,
                       peers=tuple(parse_peer_addr(p) for p in args.peer or []),
                       upload_rate=args.rate, download_rate=args.rate, origin_concurrency=args.slots_cap,
-                      slots_dir=Path(args.slots), poll_interval=0.2, stall_timeout=30, disk_io="pread")
+                      slots_dir=Path(args.slots), poll_interval=0.5, stall_timeout=30, disk_io="pread")
     service = PeerService(ps, tuning=json.loads(os.environ.get("LAB_TUNING") or "{}")).start()
     hub = HubSource(SourceSettings(hf_endpoint=args.hub, timeout=60))
     sources = [PeerSource(service, [hub]), SlottedSource(hub, service.gate, service)]
@@ -269,6 +269,9 @@ class LabResult:
     ready_at: list[float]  # seconds after go, per node, sorted
     mode: str  # "netns" | "loopback"
     cpu_busy: float = 0.0  # share of the machine's CPU time busy from go to the last node ready
+    cores: int = os.cpu_count() or 1
+    node_mbit: float = 0.0
+    origin_mbit: float = 0.0
 
     @property
     def ratio(self) -> float:
@@ -353,7 +356,7 @@ def run_lab(n: int, src: Path, work: Path, *, node_rate: float, origin_rate: flo
             limit=kumar_ross(size, n, node_rate * MBIT, node_rate * MBIT, origin_rate * MBIT),
             origin_bytes=served["file_bytes"], peer_bytes=[x.get("verified_bytes", 0) for x in stats],
             sources=[d["source"] for d in done], ready_at=ready, mode="netns" if netns else "loopback",
-            cpu_busy=busy)
+            cpu_busy=busy, node_mbit=node_rate, origin_mbit=origin_rate)
     finally:
         for w in workers:
             w.stop()

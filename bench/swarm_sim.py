@@ -69,6 +69,7 @@ class Scenario:
     granularity: Granularity = "model"
     max_pieces: int = 1024
     seed: int = 1
+    host_rate: float = 0.0  # bytes/s all nodes together can move on the lab's one machine (0: no limit)
 
     @property
     def limit(self) -> float:
@@ -221,6 +222,11 @@ def simulate(sc: Scenario) -> SimResult:
         room[:k] = np.where(t < fetch_end, max(0.0, down - origin_each), down)
         scale = np.where(want > room * dt, room * dt / np.maximum(want, 1e-9), 1.0)
         got = offer * scale[ld[links]]
+        if sc.host_rate > 0:  # one machine runs every node: its CPU (hashing, kernel networking) caps the total
+            reading = sum(origin_each for j in range(k) if t < fetch_end[j]) if striped else 0.0
+            budget = max(0.0, sc.host_rate - reading) * dt
+            if got.sum() > budget:
+                got *= budget / got.sum()
         lb[links] += got
         np.add.at(peer_bytes, ld[links], got)
         finished = links[lb[links] >= piece]
@@ -250,12 +256,22 @@ def simulate(sc: Scenario) -> SimResult:
                      [float(b) for b in peer_bytes])
 
 
-def lab_scenario(n: int, size: float, *, shards: int = 16, slots: int = 2,
-                 granularity: Granularity = "file") -> Scenario:
+def lab_scenario(n: int, size: float, *, shards: int = 16, slots: int = 2, granularity: Granularity = "file",
+                 host_rate: float = 0.0, node_mbit: float = 200, origin_mbit: float = 400) -> Scenario:
     """The lab's settings: 1 MiB pieces (piece rule for files of a few hundred MB and less), ``shards``
-    weight files, all peers known, ``slots`` origin slots."""
-    return Scenario(nodes=n, size=size, piece=1 << 20, node_rate=200 * MBIT, origin_rate=400 * MBIT,
-                    file_size=size / shards, slots=slots, granularity=granularity)
+    weight files, all peers known, ``slots`` origin slots, the machine's capacity ``host_rate``."""
+    return Scenario(nodes=n, size=size, piece=1 << 20, node_rate=node_mbit * MBIT, origin_rate=origin_mbit * MBIT,
+                    file_size=size / shards, slots=slots, granularity=granularity, host_rate=host_rate)
+
+
+def host_rate_of(runs: list[dict[str, float]]) -> float:
+    """Bytes/s the lab machine moves at 100% CPU, from its busiest run: N x model bytes over the busy core-seconds,
+    times the cores. The simulator's one fitted parameter; it only applies to lab scenarios."""
+    r = max(runs, key=lambda r: r.get("cpu_busy", 0.0))
+    busy = r.get("cpu_busy", 0.0)
+    if busy < 0.9:  # the machine was not the limit in any run: nothing to calibrate
+        return 0.0
+    return r["nodes"] * r["size"] / (busy * r["seconds"])
 
 
 def cluster_scenario(n: int, granularity: Granularity, slots: int = 2) -> Scenario:
@@ -277,18 +293,27 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--quick", action="store_true", help="small cluster runs only (CI)")
     ap.add_argument("--shards", type=int, default=16, help="lab model weight files (as bench.swarm_lab)")
     ap.add_argument("--slots", type=int, default=2, help="lab origin slots (as bench.swarm_lab)")
+    ap.add_argument("--node-rate", type=float, default=200.0, help="lab Mbit/s per node when the JSON has none")
+    ap.add_argument("--origin-rate", type=float, default=400.0, help="lab origin Mbit/s when the JSON has none")
     args = ap.parse_args(argv)
     measured = json.loads(Path(args.lab).read_text()) if args.lab else []
     lab_runs = [(r["nodes"], r["size"], r) for r in measured] or [(n, args.size, None) for n in (2, 4, 8)]
-    print(f"lab scenarios (200 Mbit/s nodes, 400 Mbit/s origin, {args.shards} shards, built: file torrents, "
-          f"{args.slots} striped slots):")
+    host = host_rate_of(measured) if measured else 0.0
+    rates = (measured[0].get("node_mbit", args.node_rate), measured[0].get("origin_mbit", args.origin_rate)) \
+        if measured else (args.node_rate, args.origin_rate)
+    print(f"lab scenarios ({rates[0]:g} Mbit/s nodes, {rates[1]:g} Mbit/s origin, {args.shards} shards, built: file "
+          f"torrents, {args.slots} striped slots; machine capacity "
+          + (f"{host / 1e6:.0f} MB/s from the busiest run)" if host else "not limiting)") + ":")
     for n, size, r in lab_runs:
-        sim = simulate(lab_scenario(n, size, shards=args.shards, slots=args.slots))
+        sim = simulate(lab_scenario(n, size, shards=args.shards, slots=args.slots, host_rate=host,
+                                    node_mbit=rates[0], origin_mbit=rates[1]))
         line = sim.line()
         if r is not None:
             lab_ratio = r["seconds"] / r["limit"]
             err = (sim.seconds - r["seconds"]) / r["seconds"]
-            line += f" | lab {r['seconds']:.2f}s ratio {lab_ratio:.2f} origin/model {r['origin_bytes'] / r['size']:.2f}"
+            egress = r["origin_bytes"] / r["size"]
+            line += (f" | lab {r['seconds']:.2f}s ratio {lab_ratio:.2f} origin/model {egress:.2f}"
+                     f" cpu busy {r.get('cpu_busy', 0):.0%}")
             line += f" | sim error {err:+.0%}"
         print("  " + line, flush=True)
     print("cluster (140 GB, 25 Gb/s nodes, 100 Gb/s origin): slots, granularity")

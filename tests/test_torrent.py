@@ -196,3 +196,10 @@ def test_piece_priorities_bands_and_shares() -> None:
     assert T.piece_priorities(lay, {"b.bin"}) == [0, 0, 0, 4, 0, 0]  # a piece touching a wanted file counts
     assert T.piece_priorities(lay, {"a.bin", "c.bin"}, share=(1, 3)) == [1, 7, 1, 1, 7, 1]
     assert T.piece_priorities(lay, {"c.bin"}, share=(0, 2)) == [0, 0, 0, 1, 7, 1]
+
+
+def test_share_batches_fetch_big_files_alone_and_small_ones_together() -> None:
+    big, small = T.SMALL_FILE, 10
+    es = sized(small, small, big, big + 1, small, big, small, small)
+    assert [[es.index(e) for e in b] for b in T.share_batches(es)] == [[0, 1], [2], [3], [4], [5], [6, 7]]
+    assert T.share_batches([]) == []

@@ -362,3 +362,21 @@ def stripe(entries: Sequence[E], j: int, k: int) -> tuple[list[E], list[E]]:
     after = [e for e, o in zip(entries, owner, strict=True) if o > j]
     before = [e for e, o in zip(entries, owner, strict=True) if o < j]
     return own, after + before
+
+
+SMALL_FILE = 16 * MiB  # smaller files go to the origin together: their cost is requests, not bytes
+
+
+def share_batches(entries: Sequence[E]) -> list[list[E]]:
+    """A slot holder's origin reads, in order: each big file alone, runs of small files together.
+
+    Four 5 GB shards fetched at once would all land (and be shared) at the end of four files' time; one at
+    a time, the first is shared after one file's time, and the origin link is as busy either way.
+    """
+    out: list[list[E]] = []
+    for e in entries:
+        if e.size < SMALL_FILE and out and out[-1][-1].size < SMALL_FILE:
+            out[-1].append(e)
+        else:
+            out.append([e])
+    return out

@@ -28,7 +28,7 @@ import structlog
 from agent.cache.store import Fill
 from agent.core.plan import FileEntry, ModelPlan
 from agent.core.spec import FileFilter
-from agent.core.torrent import TorrentError, stripe
+from agent.core.torrent import TorrentError, share_batches, stripe
 from agent.errors import IntegrityError, SourceError, TransientSourceError
 from agent.sources.base import Progress, Source
 
@@ -307,7 +307,8 @@ class SlottedSource:
         own, rest = stripe(sorted(entries, key=lambda e: e.path.encode()), j, k)
         log.info("peers.origin_stripe", repo=plan.repo, commit=plan.commit[:12], slot=j, slots=k,
                  files=len(own), others=len(rest))
-        self.inner.fetch(plan, own, fill, progress)
+        for batch in share_batches(own):  # big files one at a time: each is shared as soon as it can be
+            self.inner.fetch(plan, batch, fill, progress)
         if not rest:
             return
         keys = {ft.entry.path: ft.key for ft in swarm.files}
