@@ -64,6 +64,7 @@ class Scenario:
     build_rate: float = 400e6  # bytes/s: the slot holder's SHA-1 pass over its blobs
     verify_rate: float = 400e6  # bytes/s: sha256 of the last file after the last piece
     join_delay: float = 0.5  # s: index poll + connect + handshake after a torrent appears
+    file_delay: float = 0.0  # s: "file": a node takes a file's torrent this long after a holder shares it
     origin_setup: float = 1.0  # s: resolve, metadata, first byte from the origin
     efficiency: float = 0.94  # payload share of a shaped link (TCP/IP + BitTorrent headers)
     granularity: Granularity = "model"
@@ -173,9 +174,23 @@ def simulate(sc: Scenario) -> SimResult:
     dt = piece / down / 4
     t = 0.0
     first_release = float(release.min())
+    # "file": a piece can be asked for once its file's torrent is known (listed by a holder, found by an index
+    # poll, added and connected); all pieces of a file at once
+    visible_at = np.zeros(m)
+    if sc.granularity == "file":
+        first_anywhere = release.min(0)
+        for f in range(nfiles):
+            idx = file_of == f
+            visible_at[idx] = first_anywhere[idx].min() + sc.file_delay
+    visible = visible_at <= 0
     while not np.all(np.isfinite(ready)):
         t += dt
         # slot holders: pieces released by their origin fill
+        if not visible.all():
+            now_visible = visible_at <= t
+            if (now_visible & ~visible).any():
+                tried[:] = -1  # links that found nothing may find a newly known file
+            visible = now_visible
         newly = (~released) & (release <= t)
         if newly.any():
             released |= newly
@@ -198,7 +213,7 @@ def simulate(sc: Scenario) -> SimResult:
         idle = (lp < 0) & serving[lu] & leeching[ld] & (count[lu] > tried)
         for li in np.flatnonzero(idle):
             u, d = lu[li], ld[li]
-            cand = have[u] & ~have[d] & ~inprog[d]
+            cand = have[u] & ~have[d] & ~inprog[d] & visible
             if not cand.any():
                 tried[li] = count[u]
                 continue
@@ -256,12 +271,19 @@ def simulate(sc: Scenario) -> SimResult:
                      [float(b) for b in peer_bytes])
 
 
+# A file's torrent reaches a node: half an index poll on average (the lab polls every 0.5 s; a busy node every
+# 2 s), the loop's 0.25 s tick, the info-dict GET, torrent add and connect. The cluster adds the busy poll.
+LAB_FILE_DELAY = 0.75
+CLUSTER_FILE_DELAY = 1.5
+
+
 def lab_scenario(n: int, size: float, *, shards: int = 16, slots: int = 2, granularity: Granularity = "file",
                  host_rate: float = 0.0, node_mbit: float = 200, origin_mbit: float = 400) -> Scenario:
     """The lab's settings: 1 MiB pieces (piece rule for files of a few hundred MB and less), ``shards``
     weight files, all peers known, ``slots`` origin slots, the machine's capacity ``host_rate``."""
     return Scenario(nodes=n, size=size, piece=1 << 20, node_rate=node_mbit * MBIT, origin_rate=origin_mbit * MBIT,
-                    file_size=size / shards, slots=slots, granularity=granularity, host_rate=host_rate)
+                    file_size=size / shards, slots=slots, granularity=granularity, host_rate=host_rate,
+                    file_delay=LAB_FILE_DELAY)
 
 
 def host_rate_of(runs: list[dict[str, float]]) -> float:
@@ -282,7 +304,8 @@ def cluster_scenario(n: int, granularity: Granularity, slots: int = 2) -> Scenar
     """
     return Scenario(nodes=n, size=140e9, piece=16 << 20, node_rate=25 * GBIT, origin_rate=100 * GBIT,
                     connections=50, file_size=5e9, build_rate=5e9, verify_rate=1.4e9, join_delay=1.0,
-                    origin_setup=2.0, granularity=granularity, max_pieces=600, slots=slots)
+                    origin_setup=2.0, granularity=granularity, max_pieces=600, slots=slots,
+                    file_delay=CLUSTER_FILE_DELAY)
 
 
 def main(argv: list[str] | None = None) -> None:
