@@ -314,6 +314,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--size", type=float, default=300e6, help="lab model bytes when no --lab is given")
     ap.add_argument("--nodes", default="100,1000", help="cluster-scale N")
     ap.add_argument("--quick", action="store_true", help="small cluster runs only (CI)")
+    ap.add_argument("--variants", default="model:1,file:1,file:2,file:4,piece:2",
+                    help="cluster runs as granularity:slots, comma-separated")
     ap.add_argument("--shards", type=int, default=16, help="lab model weight files (as bench.swarm_lab)")
     ap.add_argument("--slots", type=int, default=2, help="lab origin slots (as bench.swarm_lab)")
     ap.add_argument("--node-rate", type=float, default=200.0, help="lab Mbit/s per node when the JSON has none")
@@ -340,7 +342,7 @@ def main(argv: list[str] | None = None) -> None:
             line += f" | sim error {err:+.0%}"
         print("  " + line, flush=True)
     print("cluster (140 GB, 25 Gb/s nodes, 100 Gb/s origin): slots, granularity")
-    variants = [("model", 1), ("file", 1), ("file", 2), ("file", 4), ("piece", 2)]
+    variants = [(g, int(k)) for g, k in (v.split(":") for v in args.variants.split(","))]
     for n in (int(x) for x in args.nodes.split(",")):
         for g, k in variants:
             sc = cluster_scenario(n, g, k)  # type: ignore[arg-type]

@@ -56,7 +56,8 @@ def test_simulator_two_holders_swap_their_stripes() -> None:
     half = sc.size / 2
     rate = sc.node_rate * sc.efficiency
     origin_each = min(rate, sc.origin_rate * sc.efficiency / 2)
-    expect = sc.origin_setup + half / origin_each + half / sc.build_rate + half / rate + half / sc.verify_rate
+    expect = (sc.origin_setup + half / origin_each + half / sc.build_rate + sc.file_delay + half / rate
+              + half / sc.verify_rate)
     assert res.seconds == pytest.approx(expect, rel=0.05)
     assert res.origin_bytes == sc.size
     one_holder = simulate(lab_scenario(2, 50e6, shards=2, slots=1, granularity="file"))
