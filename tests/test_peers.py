@@ -28,8 +28,8 @@ from agent.cache.store import Store
 from agent.core import torrent as T
 from agent.core.plan import FileEntry
 from agent.core.spec import FileFilter
-from agent.errors import DiskFullError, TransientSourceError
-from agent.modelgen import MiB, make_hub_model
+from agent.errors import Cancelled, DiskFullError, TransientSourceError
+from agent.modelgen import MiB, make_hub_model, make_model_dir, write_hub_layout
 from agent.runtime.fill import FillFailed, FillResult, fill_model
 from agent.sources.base import NullProgress, Source, SourceSettings
 from agent.sources.hub import HubSource
@@ -156,6 +156,22 @@ def test_leecher_fills_from_a_seeder_without_origin_bytes(hub: HubServer, hub_mo
     assert leech.store.check(m, full=True).ok
     assert seed.store.check(first.manifest).ok  # seeding left blobs untouched (mtime, inode, size)
     assert staging_leftovers(leech.store) == []
+
+
+def test_an_empty_file_is_written_by_the_follower_not_shared(tmp_path: Path, make_node: Callable[..., Node]) -> None:
+    """Empty files have no torrent: the follower writes them itself and the snapshot is still complete."""
+    work = tmp_path / "gen"
+    make_model_dir(work, weight_bytes=2 * MiB, shards=1)
+    (work / "empty.txt").write_bytes(b"")
+    commit = write_hub_layout(work, tmp_path / "pvc" / "hub", REPO)
+    src = PvcSource(tmp_path / "pvc")
+    seed = make_node("seed")
+    seed.seed(fill_model(seed.store, [src], REPO, "main").manifest)
+    leech = make_node("leech", host="127.0.0.2", peers=(seed,))
+    res = leech.fill(src)
+    assert res.source.startswith("peers") and "empty.txt" in {f.path for f in res.manifest.files}
+    assert snapshot(leech.store, commit) == snapshot(seed.store, commit)
+    assert snapshot(leech.store, commit)["empty.txt"] == b""
 
 
 def test_every_node_derives_the_same_info_hash(origin: Origin, make_node: Callable[..., Node]) -> None:
@@ -339,9 +355,11 @@ def test_no_peer_falls_back_and_holds_the_slot_until_seeding(origin: Origin, mak
     assert said[:2] == ["peers.origin_slot", "peers.origin_stripe"], said
     assert not {"peers.found", "peers.download_start"} & set(said)
     key = f"{REPO}@{origin.commit}"
-    assert leech.service.gate.held() == [key]  # others keep waiting for this node's torrent...
+    # others keep waiting for this node's torrents until they are served: publish seeds them at once (on the
+    # seeder thread), so right here the slot is either still held or the files are already served
+    assert leech.service.gate.held() == [key] or len(leech.service.seeding()) == len(res.manifest.files)
     leech.seed(res.manifest)
-    assert leech.service.gate.held() == []  # ...until it is served
+    assert leech.service.gate.held() == []
 
 
 def test_other_commit_is_never_mixed(origin: Origin, make_node: Callable[..., Node]) -> None:
@@ -591,6 +609,80 @@ def test_two_holders_read_disjoint_stripes_and_swap(tmp_path: Path, origin: Orig
         assert res.peer_bytes == sum(n for p, n in size.items() if p not in tap.fetched) > 0
     stripes = sorted((e["slot"], e["files"]) for e in events if e["event"] == "peers.origin_stripe")
     assert [s for s, _ in stripes] == [0, 1] and all(n > 0 for _, n in stripes)
+
+
+class OnceCorruptOrigin(OriginTap):
+    """An origin that delivers one file with wrong bytes (right size) the first time it is asked for it."""
+
+    def __init__(self, inner: PvcSource, bad: str) -> None:
+        super().__init__(inner)
+        self.bad: str | None = bad
+
+    def fetch(self, plan: object, entries: list[FileEntry], fill: object, progress: object) -> None:
+        for e in entries:
+            if e.path == self.bad:
+                self.bad = None
+                writer = fill.open(e)  # type: ignore[attr-defined]
+                try:
+                    writer.write(b"\xff" * e.size)
+                    digests = writer.finish()
+                finally:
+                    writer.close()
+                fill.complete(e, digests)  # type: ignore[attr-defined]  # the store refuses it: IntegrityError
+            super().fetch(plan, [e], fill, progress)
+
+
+def test_a_holder_keeps_its_slot_through_the_retry_of_a_bad_file(tmp_path: Path, origin: Origin,
+                                                                 make_node: Callable[..., Node]) -> None:
+    """One file arrives corrupt from the origin: fill_model fetches once more, and the slot (and with it this
+    holder's stripe) stays held for that retry instead of going to another node mid-fill."""
+    slots = tmp_path / "slots"
+    a = make_node("a", slots_dir=slots, origin_concurrency=2)
+    plan = origin.source().resolve(REPO, "main", FileFilter())
+    shard = min(e.path for e in plan.files if e.path.endswith(".safetensors"))
+    flaky = OnceCorruptOrigin(origin.source(), shard)
+    with structlog.testing.capture_logs() as events:
+        res = a.fill(flaky)  # type: ignore[arg-type]
+    assert res.source == origin.source().label and a.store.check(res.manifest, full=True).ok
+    assert any(e["event"] == "fill.integrity_retry" for e in events)
+    key = f"{REPO}@{origin.commit}"
+    stripes = [e for e in events if e["event"] == "peers.origin_stripe"]
+    assert len(stripes) == 2 and stripes[1]["slot"] == stripes[0]["slot"]  # the retry still held the slot
+    a.seed(res.manifest)  # published: the slot is given up once the files are served (released in file mode)
+    assert a.service.gate.held() == [] and DirSlots(slots, cap=2).held_count(key) == 0
+
+
+def test_holders_agree_on_stripes_when_one_resumes_a_partial_fill(tmp_path: Path, origin: Origin,
+                                                                   make_node: Callable[..., Node]) -> None:
+    """b already verified the first shard in an earlier, stopped fill. Stripes come from the whole file list, not
+    from what each holder still needs, so a and b still split the rest without a gap (each would otherwise wait
+    for the other's shard) and without reading a file from the origin twice."""
+    slots = tmp_path / "slots"
+    a = make_node("a", slots_dir=slots, origin_concurrency=2, holder_wait=20.0)
+    b = make_node("b", host="127.0.0.2", peers=(a,), slots_dir=slots, origin_concurrency=2, holder_wait=20.0)
+    a.service.set_peers([b.addr])
+    plan = origin.source().resolve(REPO, "main", FileFilter())
+    shards = sorted(e.path for e in plan.files if e.path.endswith(".safetensors"))
+    earlier, stop = OriginTap(origin.source(), hold_after=shards[0]), threading.Event()
+    t, out = in_thread(lambda: b.fill(earlier, stop=stop))  # type: ignore[arg-type]
+    assert earlier.reached.wait(20)
+    stop.set()
+    earlier.go.set()
+    t.join(30)
+    assert isinstance(out[0], Cancelled), out  # stopped, its verified files kept for the next fill
+    key = f"{REPO}@{origin.commit}"
+    assert a.service.gate.decide(key) == "held" and b.service.gate.decide(key) == "held"
+    tap_a, tap_b = OriginTap(origin.source()), OriginTap(origin.source())
+    ta, out_a = in_thread(lambda: a.fill(tap_a))  # type: ignore[arg-type]
+    tb, out_b = in_thread(lambda: b.fill(tap_b))  # type: ignore[arg-type]
+    ta.join(60)
+    tb.join(60)
+    assert isinstance(out_a[0], FillResult) and isinstance(out_b[0], FillResult), (out_a, out_b)
+    assert shards[0] in tap_a.fetched and shards[1] in tap_b.fetched  # slot 0 and slot 1, as on every node
+    assert not set(tap_a.fetched) & set(tap_b.fetched)
+    assert not set(earlier.fetched) & set(tap_b.fetched)  # b never re-read what it had verified
+    assert out_a[0].seconds < 15 and out_b[0].seconds < 15  # nobody waited out holder_wait for a file no one read
+    assert snapshot(a.store, origin.commit) == snapshot(b.store, origin.commit)
 
 
 def test_dir_slots_cap_release_and_death(tmp_path: Path) -> None:

@@ -69,6 +69,7 @@ class Fill:
         self._mu = threading.Lock()
         self.on_complete: list[Callable[[FileEntry, ManifestFile, Path], None]] = []
         self.on_published: list[Callable[[Manifest], None]] = []  # staged blobs have moved into hub/
+        self.on_dropped: list[Callable[[], None]] = []  # staging is about to be deleted (abort without partials)
         self.bytes_from: dict[str, int] = {}  # verified bytes by where they came from, when not the fill's source
 
     def fetched_from(self, kind: str, nbytes: int) -> None:
@@ -332,6 +333,11 @@ class Fill:
     def abort(self, *, keep_partials: bool = False) -> None:
         """Drop staging for this fill; partial and verified staged files may be kept for a later resume."""
         if not keep_partials:
+            for hook in list(self.on_dropped):
+                try:
+                    hook()
+                except Exception as e:
+                    log.warning("fill.on_dropped_failed", error=str(e))
             self._drop_staging()
 
     @contextlib.contextmanager

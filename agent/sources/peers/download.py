@@ -19,7 +19,7 @@ import math
 import os
 import shutil
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,13 +77,19 @@ class SwarmDownload:
         self.hash_failures = 0
         self.banned: set[str] = set()
         self.peers_seen = 0
+        self._mu = threading.Lock()  # the counters above, from the verify threads
 
     def run(self) -> None:
         svc, fill = self.svc, self.fill
         wanted = {e.path: e for e in self.entries if e.size > 0}
         for e in self.entries:
-            if e.size == 0:
-                fill.write_stream(e, iter(()))
+            if e.size == 0:  # nothing to share: no torrent, written here
+                writer = fill.open(e)
+                try:
+                    digests = writer.finish()
+                finally:
+                    writer.close()
+                fill.complete(e, digests)
         if not wanted:
             return
         by_path = {ft.entry.path: ft for ft in self.swarm.files}
@@ -173,20 +179,39 @@ class SwarmDownload:
                           banned=sorted(self.banned), peers=self.peers_seen)
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
+            self._drop(a for a in started if not a.removed)
             for a in started:
-                if not a.removed:  # failed or cancelled: drop the partial file first, so parked writes end
-                    with contextlib.suppress(OSError):
-                        os.truncate(a.target, 0)
-                    svc._remove(a.handle, a.t, delete=True)
-                    a.removed = True
                 self._forget(a)
             shutil.rmtree(work, ignore_errors=True)
+
+    def _drop(self, failed: Iterable[_Active]) -> None:
+        """Failed or cancelled: truncate the partial files (so writes parked on a full disk end), remove every
+        torrent with its files, then wait for all of them under one deadline."""
+        from agent.sources.peers.service import REMOVE_TIMEOUT
+
+        svc, gone = self.svc, list(failed)
+        for a in gone:
+            with contextlib.suppress(OSError):
+                os.truncate(a.target, 0)
+            with svc._mu:
+                if svc._ses is not None:
+                    with contextlib.suppress(RuntimeError):
+                        svc._ses.remove_torrent(a.handle, lt.session.delete_files)
+            a.removed = True
+        deadline = svc.clock() + REMOVE_TIMEOUT
+        for a in gone:
+            if not svc._wait_removed(a.t, max(0.0, deadline - svc.clock())):
+                break
 
     def _start(self, ref: TorrentRef, ft: FileTorrent, entry: FileEntry, target: Path) -> _Active:
         from agent.sources.peers.service import _add_params, _Transfer
 
         svc = self.svc
-        atp = _add_params(ref.info, save_path=target.parent, renamed={0: str(target)}, flags=0)
+        stale = svc._seed_by_hash(ref.info_hash)
+        if stale is not None:  # shared from the staging of an earlier, failed fill of this commit
+            svc._drop_seed(stale, wait=True)
+        atp = _add_params(ref.info, save_path=target.parent, renamed={0: str(target)},
+                          flags=lt.torrent_flags.duplicate_is_error)
         atp.piece_priorities = piece_priorities(ft.layout, {ft.entry.path}, share=svc._share())
         t = _Transfer(changed=self.changed)
         with svc._mu:
@@ -194,27 +219,36 @@ class SwarmDownload:
                 raise TransientSourceError("peers: the p2p service is stopped")
             if ref.info_hash in svc._transfers:
                 raise TransientSourceError(f"peers: {ft.entry.path} is already being downloaded here")
+            try:
+                handle = svc._ses.add_torrent(atp)
+            except RuntimeError as e:
+                raise TransientSourceError(f"peers: cannot add the torrent of {ft.entry.path}: {e}") from e
             svc._transfers[ref.info_hash] = t
-            handle = svc._ses.add_torrent(atp)
         peers = list(dict.fromkeys([*ref.holders, *self.swarm.holders, *svc.settings.peers]))
         svc._connect(handle, peers)
         return _Active(ft, entry, ref, handle, t, target, peers, last_connect=svc.clock())
 
     def _finish(self, a: _Active) -> None:
         """Flush, remove the torrent (libtorrent lets go of the file), hash, hand the file to the store."""
-        from agent.sources.peers.service import _info_cache_path, _write_info_cache
+        from agent.sources.peers.service import _write_info_cache
 
         svc, fill, t, e = self.svc, self.fill, a.t, a.entry
         before = t.flushes
         a.handle.flush_cache()
         deadline = svc.clock() + FLUSH_TIMEOUT
-        while t.flushes <= before and t.error is None and svc.clock() < deadline:
+        while t.flushes <= before and t.error is None and svc.clock() < deadline and not svc.closing.is_set():
             t.flushed.wait(0.05)
             t.flushed.clear()
-        svc._remove(a.handle, t)
+        let_go = svc._remove(a.handle, t)
         a.removed = True
-        self.hash_failures += t.hash_failures
-        self.banned.update(t.banned)
+        self._forget(a)  # alerts for this info-hash now belong to the seed shared below
+        with self._mu:
+            self.hash_failures += t.hash_failures
+            self.banned.update(t.banned)
+        if not let_go:  # libtorrent may still write to it: never hash (or keep) a file it holds
+            if svc.closing.is_set():
+                raise Cancelled("peers: the p2p service is stopping")
+            raise TransientSourceError(f"peers: libtorrent did not let go of {e.path}")
         _raise_storage_error(t, fill)  # a write that failed after its piece passed (pread writes later)
         _check_written(a.target, e, fill)
         d = hash_file(a.target, e.algo, size=e.size)
@@ -225,18 +259,21 @@ class SwarmDownload:
             finally:
                 os.close(fd)
         os.replace(a.target, fill.part_path(e))
-        _write_info_cache(fill.store, a.ft.key, a.ref.info)  # sharing it from staging needs no re-hash
+        if d.size == e.size and e.digest is not None and d.digest == e.digest:
+            # Only for bytes that match the trusted digest (a crash must not leave a liar's piece hashes here,
+            # to seed real bytes under later): sharing the file from staging then needs no re-hash.
+            _write_info_cache(fill.store, a.ft.key, a.ref.info)
         try:
             fill.complete(e, d)
         except IntegrityError:
-            with contextlib.suppress(OSError):  # never seed real bytes under this torrent's piece hashes
-                _info_cache_path(fill.store, a.ft.key).unlink()
             svc.reject(a.ref)
             self.log.error("peers.digest_mismatch", file=e.path, hash_failures=t.hash_failures,
                            error="bytes from peers passed the piece hashes but not the trusted digest")
-            svc.stats_bytes["rejected"] += e.size
+            with svc._mu:
+                svc.stats_bytes["rejected"] += e.size
             raise
-        svc.stats_bytes["downloaded"] += e.size
+        with svc._mu:
+            svc.stats_bytes["downloaded"] += e.size
         fill.fetched_from("peers", e.size)
 
     def _forget(self, a: _Active) -> None:

@@ -63,6 +63,7 @@ log = structlog.get_logger("agent.sources.peers")
 READ_CHUNK = 8 * 1024 * 1024
 FLUSH_TIMEOUT = 60.0
 REMOVE_TIMEOUT = 10.0
+INFO_QUORUM = 3  # info dicts asked for per file (from the peers that list it) before taking the most common
 
 # On top of high_performance_seed(); measured with bench/fill_peers.py (its docstring has the figures).
 # Disk and hashing threads scale with cores: on the 2-core VM one hashing and two disk threads beat 2+4.
@@ -372,7 +373,10 @@ class PeerService:
         all the peers offer, SourceError (waiting would not change it).
         """
         refused = None
+        offered: dict[str, tuple[bytes, list[PeerAddr]]] = {}
         for peer in peers:
+            if sum(len(v[1]) for v in offered.values()) >= INFO_QUORUM:
+                break
             info = fetch_info(peer, ft.key)
             if info is None:
                 continue
@@ -384,6 +388,9 @@ class PeerService:
             if ih in self._rejected.get(ft.key, set()):
                 refused = ih
                 continue
+            offered.setdefault(ih, (info, []))[1].append(peer)
+        if offered:  # peers can only disagree if one built it from other bytes: the most common one wins
+            ih, (info, _) = max(offered.items(), key=lambda kv: len(kv[1][1]))
             return TorrentRef(ft.key, info, ih, ft.layout, tuple(peers))
         if refused is not None:
             raise SourceError(f"peers: torrent {refused[:12]} of {ft.entry.path} delivered bytes that failed the "
@@ -400,7 +407,9 @@ class PeerService:
         released (or kept as the swarm's beacon) once the files are served.
         """
         self.start()
-        return self._seeder.submit(self._seed, store, manifest)
+        fut = self._seeder.submit(self._seed, store, manifest)
+        fut.add_done_callback(_log_failure("peers.seed_failed", repo=manifest.repo, commit=manifest.commit[:12]))
+        return fut
 
     def _seed(self, store: Store, manifest: Manifest) -> int:
         try:
@@ -411,13 +420,18 @@ class PeerService:
             # seed_mode checks each piece on its first request. The receiver checks every piece either way.
             trusted = not self.settings.seed_verify and store.check(manifest).ok
             n = 0
-            for ft in fts:
+            for ft in fts:  # one file that cannot be seeded does not keep the others from it
                 blob = store.layout.blob_path(manifest.repo, ft.entry.digest or "")
-                if os.stat(blob).st_size != ft.entry.size:
-                    raise IntegrityError(ft.entry.path, f"blob {blob.name} has size {os.stat(blob).st_size}, "
-                                         f"expected {ft.entry.size}")
-                if self._add_seed(store, manifest.repo, manifest.commit, ft, blob, trusted=trusted, staged=False):
-                    n += 1
+                try:
+                    if os.stat(blob).st_size != ft.entry.size:
+                        raise IntegrityError(ft.entry.path, f"blob {blob.name} has size {os.stat(blob).st_size}, "
+                                             f"expected {ft.entry.size}")
+                    if self._add_seed(store, manifest.repo, manifest.commit, ft, blob, trusted=trusted,
+                                      staged=False):
+                        n += 1
+                except (OSError, RuntimeError, TorrentError, IntegrityError) as e:
+                    log.warning("peers.seed_file_failed", repo=manifest.repo, commit=manifest.commit[:12],
+                                file=ft.entry.path, error=str(e))
             if n:
                 log.info("peers.seeding", repo=manifest.repo, commit=manifest.commit[:12], files=n)
             return n
@@ -440,12 +454,20 @@ class PeerService:
 
         fill.on_complete.append(hook)
         fill.on_published.append(lambda manifest: self.seed(store, manifest))  # staged seeds -> hub/blobs
+        fill.on_dropped.append(lambda: self.unshare_staged(repo, commit))
+
+    def unshare_staged(self, repo: str, commit: str) -> None:
+        """A fill's staging is being deleted: stop serving (and holding open) the files shared from it."""
+        with self._mu:
+            gone = [s for s in self._seeds.values() if s.staged and s.repo == repo and s.commit == commit]
+        for s in gone:
+            self._drop_seed(s)
 
     def _share_staged(self, store: Store, repo: str, commit: str, ft: FileTorrent, blob: Path) -> None:
         try:
             if self._add_seed(store, repo, commit, ft, blob, trusted=True, staged=True):
                 log.info("peers.sharing_staged", repo=repo, commit=commit[:12], file=ft.entry.path)
-        except (OSError, TorrentError, IntegrityError) as e:  # e.g. published or dropped meanwhile
+        except (OSError, RuntimeError, TorrentError, IntegrityError) as e:  # e.g. published or dropped meanwhile
             log.info("peers.share_skipped", file=ft.entry.path, error=str(e))
 
     def _add_seed(self, store: Store, repo: str, commit: str, ft: FileTorrent, path: Path, *,
@@ -495,7 +517,11 @@ class PeerService:
                 return
             if wait:
                 self._transfers[seed.info_hash] = t
-            self._ses.remove_torrent(seed.handle)
+            try:
+                self._ses.remove_torrent(seed.handle)
+            except RuntimeError:  # already gone (libtorrent: invalid torrent handle)
+                self._transfers.pop(seed.info_hash, None)
+                return
         if wait:
             try:
                 self._wait_removed(t, REMOVE_TIMEOUT)
@@ -580,7 +606,7 @@ class PeerService:
         everyone = sorted({me, *(str(p) for p in ps.peers)})
         return (everyone.index(me), len(everyone)) if len(everyone) > 2 else None
 
-    def _remove(self, handle: Any, t: _Transfer, *, delete: bool = False) -> None:
+    def _remove(self, handle: Any, t: _Transfer, *, delete: bool = False) -> bool:
         """Remove a torrent and wait for libtorrent to let go of its files.
 
         With pread disk I/O, writes that hit ENOSPC stay queued and hold the removal until there is
@@ -588,18 +614,21 @@ class PeerService:
         """
         with self._mu:
             if self._ses is not None:
-                self._ses.remove_torrent(handle, lt.session.delete_files if delete else 0)
-        self._wait_removed(t, REMOVE_TIMEOUT if delete else FLUSH_TIMEOUT)
+                with contextlib.suppress(RuntimeError):  # already gone
+                    self._ses.remove_torrent(handle, lt.session.delete_files if delete else 0)
+        return self._wait_removed(t, REMOVE_TIMEOUT if delete else FLUSH_TIMEOUT)
 
-    def _wait_removed(self, t: _Transfer, timeout: float) -> None:
-        """Wait for libtorrent's torrent_removed alert; a stopping service reads no more alerts, so stop waiting."""
+    def _wait_removed(self, t: _Transfer, timeout: float) -> bool:
+        """Wait for libtorrent's torrent_removed alert; a stopping service reads no more alerts, so stop waiting.
+        True once libtorrent has let go of the files."""
         deadline = time.monotonic() + timeout
         while not t.removed.wait(0.1):
             if self._closing.is_set():
-                return
+                return False
             if time.monotonic() > deadline:
                 log.warning("peers.remove_slow", seconds=timeout)
-                return
+                return False
+        return True
 
     def _connect(self, handle: Any, peers: Sequence[PeerAddr]) -> None:
         own = {self.bt_port}
@@ -686,3 +715,11 @@ def _write_info_cache(store: Store, key: str, info: bytes) -> None:
     tmp = p.with_name(f".{p.name}.{os.getpid()}.tmp")
     tmp.write_bytes(info)
     os.replace(tmp, p)
+
+
+def _log_failure(event: str, **kw: str) -> Callable[[Future[Any]], None]:
+    """A done-callback for background work whose future nobody reads: a failure is logged, not lost."""
+    def done(fut: Future[Any]) -> None:
+        if not fut.cancelled() and (e := fut.exception()) is not None:
+            log.warning(event, error=str(e), error_type=type(e).__name__, **kw)
+    return done

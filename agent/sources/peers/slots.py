@@ -264,6 +264,7 @@ class SlottedSource:
         self.gate = gate
         self.peers = peers
         self.kind = inner.kind
+        self._bad: set[str] = set()  # slot keys whose fetch already failed a digest once (fill_model retries once)
 
     @property
     def label(self) -> str:
@@ -288,7 +289,18 @@ class SlottedSource:
                 self.inner.fetch(plan, entries, fill, progress)
             else:
                 self._fetch_as_holder(plan, entries, fill, progress, key)
+            self._bad.discard(key)
+        except IntegrityError:
+            # fill_model fetches once more at once: keep the slot (and this holder's stripe) for that retry,
+            # or the retry would read the other stripes from the origin without one; give it up after a second.
+            if key in self._bad or decision != "held":
+                self._bad.discard(key)
+                self.gate.release(key)
+            else:
+                self._bad.add(key)
+            raise
         except BaseException:
+            self._bad.discard(key)
             self.gate.release(key)
             raise
 
@@ -304,7 +316,12 @@ class SlottedSource:
             return
         self.peers.share_fill(fill)
         j, k = self.gate.stripe(key)
-        own, rest = stripe(sorted(entries, key=lambda e: e.path.encode()), j, k)
+        # Ownership over the plan's whole file list, which every holder derives alike; what this fill needs
+        # (files reused or resumed here are not) is then cut from each part. Empty files cost nothing: ours.
+        mine, others = stripe([ft.entry for ft in swarm.files], j, k)
+        needed = {e.path: e for e in entries}
+        own = [needed[e.path] for e in mine if e.path in needed] + [e for e in entries if e.size == 0]
+        rest = [needed[e.path] for e in others if e.path in needed]
         log.info("peers.origin_stripe", repo=plan.repo, commit=plan.commit[:12], slot=j, slots=k,
                  files=len(own), others=len(rest))
         for batch in share_batches(own):  # big files one at a time: each is shared as soon as it can be
@@ -314,7 +331,8 @@ class SlottedSource:
         keys = {ft.entry.path: ft.key for ft in swarm.files}
         listed = set(self.peers.find_files(swarm)) & {keys.get(e.path) for e in rest}
         if not listed and not self.gate.others_filling(key):
-            self.inner.fetch(plan, rest, fill, progress)  # alone after all: nobody else will bring the rest
+            for batch in share_batches(rest):  # alone after all: nobody else will bring the rest
+                self.inner.fetch(plan, batch, fill, progress)
             return
         try:
             self.peers.download(swarm, plan, rest, fill, progress, alive=lambda: self.gate.others_filling(key))
