@@ -33,10 +33,10 @@ def store(api: KubeApi) -> LeaseStore:
     return LeaseStore(api, NS)
 
 
-def slots(store: LeaseStore, node: str, clock: ManualClock, learned: list[list[str]] | None = None,
+def slots(store: LeaseStore, node: str, clock: ManualClock, learned: list[tuple[str, list[str]]] | None = None,
           cap: int = 1) -> LeaseSlots:
     return LeaseSlots(store, f"{node}@10.0.0.{node[-1]}:6881", cap, duration=30.0, clock=clock,
-                      on_holders=(learned.append if learned is not None else None))
+                      on_holders=((lambda k, a: learned.append((k, a))) if learned is not None else None))
 
 
 def test_holder_identity_names_the_seed_address() -> None:
@@ -47,11 +47,11 @@ def test_holder_identity_names_the_seed_address() -> None:
 
 def test_one_holder_per_slot_and_the_waiter_learns_where_to_find_the_model(store: LeaseStore) -> None:
     clock = ManualClock()
-    learned: list[list[str]] = []
+    learned: list[tuple[str, list[str]]] = []
     a, b = slots(store, "n1", clock), slots(store, "n2", clock, learned)
     slot = a.try_acquire(KEY)
     assert slot is not None
-    assert b.try_acquire(KEY) is None and learned == [["10.0.0.1:6881"]]
+    assert b.try_acquire(KEY) is None and learned == [(KEY, ["10.0.0.1:6881"])]
     assert b.busy(KEY)
     slot.release()  # the fill failed: the next node may read the origin at once
     taken = b.try_acquire(KEY)

@@ -343,6 +343,16 @@ def test_discovered_peers_replace_the_static_list(origin: Origin, make_node: Cal
     assert leech.fill(origin.source()).source.startswith("peers")
 
 
+def test_holders_are_learned_per_model(origin: Origin, make_node: Callable[..., Node]) -> None:
+    """In a cluster a model's Leases name its holders; another model's Lease read never replaces them."""
+    seed = seeder(make_node, origin)
+    leech = make_node("leech", host="127.0.0.2")  # no static peers
+    leech.service.learn_holders(f"{REPO}@{origin.commit}", [seed.addr])
+    leech.service.learn_holders("org/other@" + "0" * 40, [PeerAddr("127.0.0.1", free_port(), free_port())])
+    res = leech.fill(origin.source())
+    assert res.source.startswith("peers") and res.fetched_bytes == res.manifest.total_bytes
+
+
 @pytest.mark.parametrize("peers", ["none", "dead"])
 def test_no_peer_falls_back_and_holds_the_slot_until_seeding(origin: Origin, make_node: Callable[..., Node],
                                                              peers: str) -> None:

@@ -74,10 +74,11 @@ class LeaseSlot:
 
 
 class LeaseSlots:
-    """Satisfies the peers source's ``OriginSlots``; ``on_holders`` learns where each model is seeded."""
+    """Satisfies the peers source's ``OriginSlots``; ``on_holders(key, addresses)`` learns where each model is
+    filled and seeded."""
 
     def __init__(self, store: LeaseStore, identity: str, cap: int, *, duration: float = 30.0,
-                 on_holders: Callable[[list[str]], None] | None = None,
+                 on_holders: Callable[[str, list[str]], None] | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.store = store
         self.identity = identity
@@ -113,7 +114,7 @@ class LeaseSlots:
             if obs.holder and obs.holder != self.identity and (addr := holder_address(obs.holder)):
                 holders.append(addr)
         if holders and self.on_holders is not None:
-            self.on_holders(holders)
+            self.on_holders(key, holders)
         return None
 
     def busy(self, key: str) -> bool:
@@ -135,7 +136,7 @@ class LeaseSlots:
                 if obs.holder and obs.holder != self.identity and (addr := holder_address(obs.holder)):
                     holders.append(addr)
         if holders and self.on_holders is not None:
-            self.on_holders(holders)
+            self.on_holders(key, holders)
         return held
 
     def drop(self, key: str) -> None:

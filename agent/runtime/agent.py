@@ -96,12 +96,10 @@ def _start_peers(sources: list[Source], store: Store, loop: Loop, metrics: Metri
         from agent.k8s.slots import LeaseSlots
         from agent.sources.peers.settings import parse_peer_addr
 
-        static = list(svc.settings.peers)
         host = settings.advertise_host or socket.gethostbyname(socket.gethostname())
 
-        def learned(addrs: list[str]) -> None:
-            found = [parse_peer_addr(a, "origin slot holder") for a in addrs]
-            svc.set_peers([*static, *(a for a in found if a not in static)])
+        def learned(key: str, addrs: list[str]) -> None:
+            svc.learn_holders(key, [parse_peer_addr(a, "origin slot holder") for a in addrs])
 
         svc.gate.slots = LeaseSlots(LeaseStore(cluster.api, settings.kube.lease_namespace, stop=stop),
                                     f"{settings.node_name}@{host}:{svc.bt_port}", svc.settings.origin_concurrency,

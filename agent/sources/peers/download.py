@@ -224,7 +224,7 @@ class SwarmDownload:
             except RuntimeError as e:
                 raise TransientSourceError(f"peers: cannot add the torrent of {ft.entry.path}: {e}") from e
             svc._transfers[ref.info_hash] = t
-        peers = list(dict.fromkeys([*ref.holders, *self.swarm.holders, *svc.settings.peers]))
+        peers = list(dict.fromkeys([*ref.holders, *self.swarm.holders, *svc.settings.peers]))  # ref: who lists it
         svc._connect(handle, peers)
         return _Active(ft, entry, ref, handle, t, target, peers, last_connect=svc.clock())
 

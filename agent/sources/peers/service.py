@@ -205,6 +205,7 @@ class PeerService:
         self._seeds: dict[str, _Seed] = {}  # file key -> seed
         self._infos: dict[str, bytes] = {}  # file key -> info dict served by the index
         self._listing: dict[str, set[str]] = {}  # commit key -> file keys this node serves
+        self._holders: dict[str, tuple[PeerAddr, ...]] = {}  # slot key -> its origin slot holders (cluster Leases)
         self._rejected: dict[str, set[str]] = {}  # plan key -> info-hashes whose bytes failed the digest
         self._seeder = ThreadPoolExecutor(1, thread_name_prefix="p2p-seed")
         self._lookup = ThreadPoolExecutor(8, thread_name_prefix="p2p-index")
@@ -269,6 +270,12 @@ class PeerService:
         if ses is not None:
             ses.pause()
             del ses  # the destructor waits for libtorrent's threads
+
+    def learn_holders(self, key: str, holders: Sequence[PeerAddr]) -> None:
+        """The origin slot holders of one model (``repo@commit``), as last read from its Leases: the indexes
+        to ask for that model's files. Kept per model, so two models filling at once never hide each other's."""
+        with self._mu:
+            self._holders[key] = tuple(holders)
 
     def set_peers(self, peers: Sequence[PeerAddr]) -> None:
         """Replace the known peers (cluster discovery); new downloads and seeds use the new list."""
@@ -356,7 +363,9 @@ class PeerService:
 
     def find_files(self, swarm: Swarm) -> dict[str, list[PeerAddr]]:
         """file key -> the known peers that list it for ``swarm``'s snapshot (one small GET per peer)."""
-        peers = list(dict.fromkeys([*swarm.holders, *self.settings.peers]))
+        with self._mu:
+            learned = self._holders.get(slot_key(swarm.repo, swarm.commit), ())
+        peers = list(dict.fromkeys([*swarm.holders, *learned, *self.settings.peers]))
         if not peers:
             return {}
         wanted = {ft.key for ft in swarm.files}
