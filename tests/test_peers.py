@@ -622,23 +622,17 @@ def test_two_holders_read_disjoint_stripes_and_swap(tmp_path: Path, origin: Orig
 
 
 class OnceCorruptOrigin(OriginTap):
-    """An origin that delivers one file with wrong bytes (right size) the first time it is asked for it."""
+    """An origin that delivers one file with wrong bytes (right size) the first ``times`` it is asked for it."""
 
-    def __init__(self, inner: PvcSource, bad: str) -> None:
+    def __init__(self, inner: PvcSource, bad: str, times: int = 1) -> None:
         super().__init__(inner)
-        self.bad: str | None = bad
+        self.bad, self.times = bad, times
 
     def fetch(self, plan: object, entries: list[FileEntry], fill: object, progress: object) -> None:
         for e in entries:
-            if e.path == self.bad:
-                self.bad = None
-                writer = fill.open(e)  # type: ignore[attr-defined]
-                try:
-                    writer.write(b"\xff" * e.size)
-                    digests = writer.finish()
-                finally:
-                    writer.close()
-                fill.complete(e, digests)  # type: ignore[attr-defined]  # the store refuses it: IntegrityError
+            if e.path == self.bad and self.times > 0:
+                self.times -= 1
+                fill.write_bytes(e, b"\xff" * e.size)  # type: ignore[attr-defined]  # refused: IntegrityError
             super().fetch(plan, [e], fill, progress)
 
 
@@ -660,6 +654,22 @@ def test_a_holder_keeps_its_slot_through_the_retry_of_a_bad_file(tmp_path: Path,
     assert len(stripes) == 2 and stripes[1]["slot"] == stripes[0]["slot"]  # the retry still held the slot
     a.seed(res.manifest)  # published: the slot is given up once the files are served (released in file mode)
     assert a.service.gate.held() == [] and DirSlots(slots, cap=2).held_count(key) == 0
+
+
+def test_files_shared_from_a_failed_fill_stop_being_served(tmp_path: Path, origin: Origin,
+                                                            make_node: Callable[..., Node]) -> None:
+    """A holder shares its first files from staging, then its fill fails for good (a file corrupt twice): the
+    staging is dropped, and with it every file it was serving from there."""
+    a = make_node("a", origin_concurrency=1)
+    plan = origin.source().resolve(REPO, "main", FileFilter())
+    shard = min(e.path for e in plan.files if e.path.endswith(".safetensors"))
+    bad = OnceCorruptOrigin(origin.source(), shard, times=2)  # corrupt on fill_model's retry too
+    with structlog.testing.capture_logs() as events, pytest.raises(FillFailed):
+        a.fill(bad)  # type: ignore[arg-type]
+    shared = [e["file"] for e in events if e["event"] == "peers.sharing_staged"]
+    assert shared  # files before the shard were served from staging meanwhile
+    assert wait_for(lambda: a.service.seeding() == [], 10), a.service.seeding()
+    assert a.service._serve_listing(T.commit_key(REPO, origin.commit)) == []
 
 
 def test_holders_agree_on_stripes_when_one_resumes_a_partial_fill(tmp_path: Path, origin: Origin,

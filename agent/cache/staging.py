@@ -175,6 +175,16 @@ class Fill:
             return DigestWriter(part, entry.algo, entry.size, append=resume, write_fn=self.store.write_fn,
                                 fsync=self.store.fsync)
 
+    def write_bytes(self, entry: FileEntry, data: bytes) -> ManifestFile:
+        """A whole small file in one call (an empty file, which no peer shares): write, hash, ``complete``."""
+        writer = self.open(entry)
+        try:
+            writer.write(data)
+            digests = writer.finish()
+        finally:
+            writer.close()
+        return self.complete(entry, digests)
+
     def resume_offset(self, entry: FileEntry) -> int:
         size = self._staged_size(entry)
         return size if size <= entry.size else 0
